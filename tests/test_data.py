@@ -1,0 +1,133 @@
+"""Datasets: the synthetic set, training examples, the MUSDB18 loader on real previews."""
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data_generator as dg
+from conftest import MUSDB7, needs_ffmpeg, needs_shared
+
+
+def test_synthetic_set_is_deterministic_by_seed():
+    a = dg.synthetic_track("train", 3, seed=7, seconds=4)
+    b = dg.synthetic_track("train", 3, seed=7, seconds=4)
+    assert np.array_equal(a.vocals, b.vocals) and np.array_equal(a.accompaniment, b.accompaniment)
+    other_seed = dg.synthetic_track("train", 3, seed=8, seconds=4)
+    other_song = dg.synthetic_track("train", 4, seed=7, seconds=4)
+    other_split = dg.synthetic_track("valid", 3, seed=7, seconds=4)
+    for other in (other_seed, other_song, other_split):
+        assert not np.allclose(a.vocals, other.vocals)
+
+
+def test_synthetic_song_has_a_singer_over_a_band():
+    track = dg.synthetic_track("test", 0, seconds=10)
+    assert track.vocals.shape == track.accompaniment.shape == (2, 10 * dg.SAMPLE_RATE)
+    assert track.vocals.dtype == np.float32 and np.isfinite(track.mixture).all()
+    assert np.abs(track.mixture).max() < 1
+    # the voice is harmonic: its spectrum is peaky, and it rests between phrases
+    spec = dg.stft(torch.from_numpy(track.vocals[0])).abs()
+    frame_energy = spec.square().sum(0)
+    assert (frame_energy < 1e-4 * frame_energy.max()).float().mean() > 0.05, "no rests between phrases"
+    sung = spec[:, frame_energy > 0.1 * frame_energy.max()]
+    assert float(sung.max(0).values.mean() / sung.mean(0).mean()) > 8, "voice spectrum is not harmonic"
+    # formants: energy of sung frames is spread up to several kHz, not only the fundamental
+    assert float(spec[256:].square().sum() / spec.square().sum()) > 0.01
+    # vocals and accompaniment are comparable in level, as in a real mix
+    ratio = np.sqrt(np.mean(track.vocals ** 2) / np.mean(track.accompaniment ** 2))
+    assert 0.3 < ratio < 3
+
+
+def test_excerpt_of_a_short_track_is_used_whole_in_zeros():
+    audio = np.ones((2, 1000), np.float32)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        start = dg.random_start(1000, rng, 5000)
+        part = dg.excerpt(audio, start, 5000)
+        assert part.shape == (2, 5000) and part.sum() == 2000  # all of the track, nowhere cut
+    long = np.arange(20000, dtype=np.float32)[None].repeat(2, 0)
+    start = dg.random_start(20000, rng, 5000)
+    assert np.array_equal(dg.excerpt(long, start, 5000)[0], long[0, start:start + 5000])
+
+
+def test_random_remix_mixes_different_songs_with_gains():
+    tracks = [dg.synthetic_track("train", i, seconds=13) for i in range(3)]
+    rng = np.random.default_rng(0)
+    vocals, accompaniment = dg.training_batch(tracks, 8, rng)
+    assert vocals.shape == accompaniment.shape == (8, dg.PATCH_SAMPLES)
+    levels = np.sqrt(np.mean(vocals ** 2, axis=1))
+    assert levels.max() / max(levels.min(), 1e-9) > 1.3  # random gains
+    mixture, target = dg.patch_spectrograms(torch.from_numpy(vocals), torch.from_numpy(accompaniment))
+    assert mixture.shape == target.shape == (8, 1, 512, 128)
+    assert torch.allclose(mixture.mean(dim=(1, 2, 3)), torch.ones(8), atol=1e-4)
+    # without remixing, gains or channel swap an example is one excerpt of one song as mixed
+    song = tracks[0]
+    v, a = dg.random_remix([song], np.random.default_rng(1), remix=False, gain=False, channel_swap=False)
+    loudest = int(np.abs(v).argmax())
+    starts = [s for s in range(song.vocals.shape[1] - dg.PATCH_SAMPLES + 1)
+              if song.vocals[0, s + loudest] == v[loudest] and np.array_equal(song.vocals[0, s:s + dg.PATCH_SAMPLES], v)]
+    assert len(starts) == 1
+    s = starts[0]
+    assert np.array_equal(v, song.vocals[0, s:s + dg.PATCH_SAMPLES])
+    assert np.array_equal(a, song.accompaniment[0, s:s + dg.PATCH_SAMPLES])
+
+
+def test_dataset_path_errors_are_one_line(tmp_path):
+    with pytest.raises(dg.DataError, match="no such folder"):
+        dg.find_data_source(tmp_path / "missing")
+    (tmp_path / "train").mkdir()
+    with pytest.raises(dg.DataError, match="no MUSDB18 tracks"):
+        dg.find_data_source(tmp_path)
+
+
+def test_non_interactive_without_a_dataset_falls_back_to_synthetic(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(dg, "REPO_DIR", tmp_path)
+    monkeypatch.setattr(dg, "PREVIEW_DIR", tmp_path / "MUSDB18" / "MUSDB18-7")
+    source = dg.find_data_source(interactive=False)
+    assert source.kind == "synthetic"
+    assert "SYNTHETIC" in capsys.readouterr().out
+
+
+def test_failed_download_is_a_clear_message_and_leaves_nothing(monkeypatch, tmp_path, capsys):
+    import urllib.error
+    import musdb
+
+    def offline(*args, **kwargs):
+        (tmp_path / "MUSDB18" / "MUSDB18-7").mkdir(parents=True)  # musdb creates its root first
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(dg, "REPO_DIR", tmp_path)
+    monkeypatch.setattr(dg, "PREVIEW_DIR", tmp_path / "MUSDB18" / "MUSDB18-7")
+    monkeypatch.setattr(musdb, "DB", offline)
+    source = dg.find_data_source(download=True, interactive=False)
+    out = capsys.readouterr().out
+    assert source.kind == "synthetic"
+    assert "Download of the MUSDB18 previews failed" in out and "offline" in out
+    assert not (tmp_path / "MUSDB18" / "MUSDB18-7").exists()
+
+
+@needs_shared
+@needs_ffmpeg
+def test_musdb_loader_on_the_shared_previews(tmp_path, monkeypatch):
+    source = dg.find_data_source(MUSDB7)
+    assert source.kind == "musdb" and not source.is_wav
+    assert len(dg.musdb_tracks(source, "train", "train")) == 80
+    valid_names = [t.name for t in dg.musdb_tracks(source, "train", "valid")]
+    assert len(valid_names) == 14 and "ANiMAL - Rockshow" in valid_names
+    tracks = dg.load_tracks(source, "valid", 2, tmp_path, progress=False)
+    assert [t.name for t in tracks] == valid_names[:2]
+    for track in tracks:
+        assert track.vocals.shape[0] == 2 and track.vocals.shape == track.accompaniment.shape
+        # ~6.8 s at 8192 Hz: about 73 frames, shorter than one 128-frame patch
+        assert 6.0 < track.vocals.shape[1] / dg.SAMPLE_RATE < 7.5
+        assert dg.n_frames(track.vocals.shape[1]) < dg.PATCH_FRAMES
+        assert np.abs(track.vocals).max() > 0.01 and np.isfinite(track.mixture).all()
+        mixture, target = dg.validation_patches(track)
+        assert mixture.shape == (2, 1, 512, 128)  # short tracks are padded, not dropped
+    # the second load reads the cache and never decodes
+    import musdb
+    monkeypatch.setattr(musdb.MultiTrack, "stems", property(lambda self: pytest.fail("decoded again")))
+    t0 = time.time()
+    again = dg.load_tracks(source, "valid", 2, tmp_path, progress=False)
+    assert np.array_equal(again[0].vocals, tracks[0].vocals)
+    assert time.time() - t0 < 5

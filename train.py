@@ -1,0 +1,309 @@
+"""
+Train the U-Net singing-voice separator.
+
+    python train.py                                          # defaults: see --help
+    python train.py --musdb-root ../shared/data/MUSDB18-7 --n-songs 94
+    torchrun --standalone --nproc_per_node=4 train.py --musdb-root MUSDB18/musdb18
+
+One story, top to bottom: settings -> DDP set-up -> data -> model and optimiser (fresh or
+resumed) -> learning-rate schedule -> validation -> the loop, which saves the last and the best
+checkpoint (by validation loss on musdb's validation split) to --checkpoint-dir and writes
+TensorBoard logs to <checkpoint-dir>/logs.
+"""
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data_generator as dg
+from unet_model import UNet, UNetConfig, save_checkpoint
+
+# -----------------------------------------------------------------------------
+# settings
+
+parser = argparse.ArgumentParser(description="Train the U-Net singing-voice separator (Jansson et al. 2017).",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# I/O
+parser.add_argument("--checkpoint-dir", default="checkpoints", help="best_model.pth, last.pth and logs/ go here")
+parser.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/last.pth")
+# data
+parser.add_argument("--musdb-root", default=None, help="MUSDB18 folder (stems or HQ wav); default: MUSDB18/musdb18 "
+                    "in the repo, else the 7 s preview download, else the built-in synthetic set")
+parser.add_argument("--download", action="store_true", help="download the 7 s previews without asking")
+parser.add_argument("--synthetic", action="store_true", help="train on the built-in synthetic set")
+parser.add_argument("--cache-dir", default=str(dg.DEFAULT_CACHE_DIR), help="decoded 8192 Hz audio is cached here")
+parser.add_argument("--target", default="vocals", choices=dg.TARGETS, help="source the mask extracts "
+                    "(accompaniment: the original material's instrumental model)")
+parser.add_argument("--n-songs", type=int, default=10, help="training tracks to use")
+parser.add_argument("--steps-per-epoch", type=int, default=100, help="batches per epoch, whatever the number of tracks")
+parser.add_argument("--no-remix", action="store_true", help="train on songs as mixed instead of random remixes "
+                    "of vocals and accompaniment from different tracks")
+parser.add_argument("--no-gain", action="store_true", help="no random gains")
+parser.add_argument("--no-channel-swap", action="store_true", help="always the left channel instead of a random one")
+# model
+parser.add_argument("--n-channels", type=int, default=16, help="first-layer width; layer k has n_channels * 2**k")
+parser.add_argument("--dropout", type=float, default=0.5, help="dropout of the first three decoder layers")
+# optimiser and schedule
+parser.add_argument("--epochs", type=int, default=20, help="maximum number of epochs")
+parser.add_argument("--batch-size", type=int, default=16, help="patches per step (per process under torchrun)")
+parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of Adam")
+parser.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"],
+                    help="cosine: linear warm-up, then cosine decay to lr/10 over all epochs")
+parser.add_argument("--warmup-steps", type=int, default=100, help="steps of linear warm-up")
+parser.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+parser.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better "
+                    "validation loss (0: never)")
+# system
+parser.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
+parser.add_argument("--seed", type=int, default=0, help="random seed")
+parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+args = parser.parse_args()
+
+
+def fail(message):
+    sys.exit(f"error: {message}")
+
+
+for name, value, low in (("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 1),
+                         ("--n-songs", args.n_songs, 1), ("--steps-per-epoch", args.steps_per_epoch, 1),
+                         ("--n-channels", args.n_channels, 1)):
+    if value < low:
+        fail(f"{name} must be at least {low}, got {value}")
+if not args.lr > 0:
+    fail(f"--lr must be positive, got {args.lr}")
+if not 0 <= args.dropout < 1:
+    fail(f"--dropout must be in [0, 1), got {args.dropout}")
+
+# -----------------------------------------------------------------------------
+# DDP: torchrun sets RANK; every process trains on its own remixes, rank 0 alone logs and saves
+
+ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+if ddp:
+    rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+else:
+    rank, world_size = 0, 1
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+master = rank == 0
+use_amp = device.type == "cuda" and not args.no_amp
+amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+if device.type == "cuda":
+    torch.backends.cudnn.benchmark = True
+
+
+def log(message):
+    if master:
+        print(message, flush=True)
+
+
+checkpoint_dir = Path(args.checkpoint_dir)
+best_path, last_path = checkpoint_dir / "best_model.pth", checkpoint_dir / "last.pth"
+if args.resume and not last_path.exists():
+    fail(f"--resume: no {last_path} to resume from (train without --resume first)")
+if master:
+    try:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--checkpoint-dir {checkpoint_dir}: cannot create it ({e.strerror})")
+    if not os.access(checkpoint_dir, os.W_OK):
+        fail(f"--checkpoint-dir {checkpoint_dir}: not writable")
+
+# -----------------------------------------------------------------------------
+# data
+
+try:
+    source = dg.find_data_source(args.musdb_root, args.download, args.synthetic,
+                                 interactive=None if master else False)
+    log(f"dataset: {source.describe()}")
+    train_tracks = dg.load_tracks(source, "train", args.n_songs, args.cache_dir, args.seed, progress=master)
+    valid_tracks = dg.load_tracks(source, "valid", None, args.cache_dir, args.seed, progress=master)
+except dg.DataError as e:
+    fail(str(e))
+if not train_tracks or not valid_tracks:
+    fail(f"{source.describe()}: needs training and validation tracks, found {len(train_tracks)} and {len(valid_tracks)}")
+augment = dict(remix=not args.no_remix, gain=not args.no_gain, channel_swap=not args.no_channel_swap)
+log(f"tracks: {len(train_tracks)} train, {len(valid_tracks)} validation; augmentation: "
+    + (", ".join(k for k, v in augment.items() if v) or "none"))
+rng = np.random.default_rng([args.seed, rank])  # each rank draws its own stream of remixes
+
+
+def get_batch():
+    """A training batch on the device: (mixture, target) normalised magnitudes (batch, 1, 512, 128)."""
+    vocals, accompaniment = dg.training_batch(train_tracks, args.batch_size, rng, **augment)
+    vocals = torch.from_numpy(vocals).pin_memory() if device.type == "cuda" else torch.from_numpy(vocals)
+    accompaniment = torch.from_numpy(accompaniment).pin_memory() if device.type == "cuda" else torch.from_numpy(accompaniment)
+    return dg.patch_spectrograms(vocals.to(device, non_blocking=True), accompaniment.to(device, non_blocking=True), args.target)
+
+
+# -----------------------------------------------------------------------------
+# model and optimiser: fresh, or resumed with everything needed to continue exactly
+
+torch.manual_seed(args.seed)
+random.seed(args.seed)
+model_config = UNetConfig(n_channels=args.n_channels, dropout=args.dropout)
+start_epoch, step, best_val_loss, bad_epochs, history = 0, 0, float("inf"), 0, []
+checkpoint = None
+if args.resume:
+    checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
+    model_config = UNetConfig(**checkpoint["model_config"])
+    if checkpoint.get("target", "vocals") != args.target:
+        fail(f"--resume: {last_path} was trained with --target {checkpoint['target']}, not {args.target}")
+model = UNet(model_config).to(device)
+optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+if checkpoint is not None:
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    start_epoch, step = checkpoint["epoch"] + 1, checkpoint["step"]
+    best_val_loss, bad_epochs, history = checkpoint["best_val_loss"], checkpoint["bad_epochs"], checkpoint["history"]
+    rng.bit_generator.state = checkpoint["rng"][rank] if rank < len(checkpoint["rng"]) else rng.bit_generator.state
+    torch.set_rng_state(checkpoint["torch_rng"])
+    log(f"resuming from {last_path}: epoch {start_epoch + 1}, step {step}, best validation loss {best_val_loss:.4f}")
+log(f"model: U-Net, n_channels={model_config.n_channels}, {model.get_num_params():,} parameters, on {device}"
+    + (f" x {world_size} processes" if ddp else "") + (f", autocast {amp_dtype}" if use_amp else ""))
+raw_model = model
+if ddp:
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+# -----------------------------------------------------------------------------
+# learning-rate schedule
+
+total_steps = args.epochs * args.steps_per_epoch
+warmup_steps = min(args.warmup_steps, total_steps // 5)  # short runs must not spend most steps warming up
+
+
+def get_lr(it):
+    """Linear warm-up, then cosine decay to lr / 10 at the last planned step."""
+    if args.lr_schedule == "constant":
+        return args.lr
+    if it < warmup_steps:
+        return args.lr * (it + 1) / warmup_steps
+    progress = min(1.0, (it - warmup_steps) / max(1, total_steps - warmup_steps))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# -----------------------------------------------------------------------------
+# validation: the L1,1 loss on every patch of the validation songs as mixed
+
+@torch.no_grad()
+def estimate_val_loss():
+    """(loss, mask mean, mask std) over the validation patches, shared out between ranks."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # |error|, mask, mask^2, elements
+    for i, track in enumerate(valid_tracks):
+        if i % world_size != rank:
+            continue
+        mixture, target = dg.validation_patches(track, args.target)
+        for j in range(0, mixture.shape[0], args.batch_size):
+            x, y = mixture[j:j + args.batch_size].to(device), target[j:j + args.batch_size].to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                mask = raw_model(x).float()
+            sums += torch.stack([(mask * x - y).abs().sum(), mask.sum(), mask.square().sum(),
+                                 torch.tensor(float(mask.numel()), device=device)]).double()
+    if ddp:
+        dist.all_reduce(sums)
+    model.train()
+    loss, mean = (sums[0] / sums[3]).item(), (sums[1] / sums[3]).item()
+    return loss, mean, math.sqrt(max(0.0, (sums[2] / sums[3]).item() - mean ** 2))
+
+
+def save(path, epoch):
+    save_checkpoint(path, raw_model, dg.SPEC_CONFIG, args.target, optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict(), args=vars(args), epoch=epoch, step=step,
+                    best_val_loss=best_val_loss, bad_epochs=bad_epochs, history=history, rng=rng_states,
+                    torch_rng=torch.get_rng_state(), dataset=source.describe())
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+writer = None
+if master:
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(checkpoint_dir / "logs"))
+from tqdm import tqdm
+
+if start_epoch >= args.epochs:
+    log(f"nothing to do: {last_path} already finished epoch {start_epoch} of --epochs {args.epochs}")
+if not args.resume:
+    val_loss, mask_mean, mask_std = estimate_val_loss()
+    log(f"before training: validation loss {val_loss:.4f}, mask mean {mask_mean:.3f} std {mask_std:.3f}")
+    if master:
+        writer.add_scalar("val/loss", val_loss, 0)
+started = time.time()
+epoch = start_epoch
+rng_states = [rng.bit_generator.state]
+try:
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        running, t0 = 0.0, time.time()
+        bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master,
+                   unit="step", leave=False)
+        for _ in bar:
+            lr = get_lr(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            mixture, target = get_batch()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                mask = model(mixture)
+            loss = (mask.float() * mixture - target).abs().mean()  # L1,1 on normalised magnitudes
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            running += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
+            if master and step % 10 == 0:
+                writer.add_scalar("train/loss_step", loss.item(), step)
+        train_loss = running / args.steps_per_epoch
+        val_loss, mask_mean, mask_std = estimate_val_loss()
+        improved = val_loss < best_val_loss
+        best_val_loss, bad_epochs = (val_loss, 0) if improved else (best_val_loss, bad_epochs + 1)
+        history.append(dict(epoch=epoch + 1, step=step, train_loss=train_loss, val_loss=val_loss,
+                            mask_mean=mask_mean, mask_std=mask_std, lr=lr, seconds=time.time() - t0))
+        rng_states = [rng.bit_generator.state]
+        if ddp:  # rank 0 stores every rank's remix stream so --resume continues each one
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, rng.bit_generator.state)
+            rng_states = gathered
+        if master:
+            writer.add_scalar("train/loss", train_loss, epoch + 1)
+            writer.add_scalar("val/loss", val_loss, epoch + 1)
+            writer.add_scalar("val/mask_mean", mask_mean, epoch + 1)
+            writer.add_scalar("val/mask_std", mask_std, epoch + 1)
+            writer.add_scalar("train/lr", lr, epoch + 1)
+            writer.flush()
+            if improved:
+                save(best_path, epoch)
+            save(last_path, epoch)
+        log(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
+            f"{' (best)' if improved else ''}, mask mean {mask_mean:.3f} std {mask_std:.3f}, "
+            f"lr {lr:.1e}, {time.time() - t0:.0f} s")
+        if args.patience and bad_epochs >= args.patience:
+            log(f"early stop: no better validation loss for {bad_epochs} epochs")
+            break
+except KeyboardInterrupt:
+    log(f"\ninterrupted in epoch {epoch + 1}; the last completed epoch is in {last_path} "
+        f"(continue with --resume), the best model in {best_path}")
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(130)
+log(f"done in {time.time() - started:.0f} s: best validation loss {best_val_loss:.4f}; "
+    f"best model {best_path}, last {last_path}, logs {checkpoint_dir / 'logs'}")
+if writer is not None:
+    writer.close()
+if ddp:
+    dist.destroy_process_group()
