@@ -56,20 +56,20 @@ class DataError(Exception):
 # audio files
 
 def load_audio(path):
-    """Read an audio file (wav, flac, ogg, mp3, aiff).
+    """Read a whole audio file (wav, flac, ogg, mp3, aiff).
 
     Returns (audio, rate): audio is float32 of shape (channels, samples), values as stored
-    (normally within [-1, 1]). Raises DataError with a one-line reason for anything unusable.
+    (normally within [-1, 1]). Raises DataError with a one-line reason for anything unusable:
+    missing, empty, not audio, truncated, corrupt, no samples, NaN or Inf.
     """
     path = Path(path)
-    check_audio_file(path)
-    try:
-        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # libsndfile's messages are specific enough to pass on
-        raise DataError(f"{path}: cannot decode audio ({short_reason(e)})") from None
+    info = check_audio_file(path)
+    with open_audio(path) as reader:
+        audio = read_block(reader, path, info.frames)
+    check_audio_length(path, info, audio.shape[0])
     audio = np.ascontiguousarray(audio.T)
     check_audio_samples(path, audio)
-    return audio, rate
+    return audio, info.samplerate
 
 
 def check_audio_file(path):
@@ -82,12 +82,62 @@ def check_audio_file(path):
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
     try:
-        info = sf.info(str(path))
+        with quiet_stderr():
+            info = sf.info(str(path))
     except Exception as e:
         raise DataError(f"{path}: not a readable audio file ({short_reason(e)})") from None
     if info.frames == 0:
         raise DataError(f"{path}: contains no audio samples")
+    cut = wav_truncation(path)
+    if cut is not None:
+        raise DataError(f"{path}: truncated WAV file (its header promises {cut[0]:,} bytes of audio, "
+                        f"the file holds {cut[1]:,})")
     return info
+
+
+def wav_truncation(path):
+    """(declared, present) bytes of a RIFF/WAVE data chunk cut short, else None. libsndfile
+    quietly plays what is left of such a file; we would rather say it is damaged."""
+    with open(path, "rb") as f:
+        header = f.read(12)
+        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+            return None
+        size, position = os.path.getsize(path), 12
+        while position + 8 <= size:
+            f.seek(position)
+            chunk, length = f.read(4), int.from_bytes(f.read(4), "little")
+            if chunk == b"data":
+                present = size - position - 8
+                streaming = length in (0, 0xFFFFFFFF)  # size unknown when written, or RF64
+                return (length, present) if length > present and not streaming else None
+            position += 8 + length + (length & 1)
+    return None
+
+
+def open_audio(path):
+    """soundfile.SoundFile for reading, with decoder chatter kept off the terminal."""
+    try:
+        with quiet_stderr():
+            return sf.SoundFile(str(path))
+    except Exception as e:
+        raise DataError(f"{path}: not a readable audio file ({short_reason(e)})") from None
+
+
+def read_block(reader, path, frames):
+    """Up to `frames` samples from an open SoundFile: (samples, channels) float32."""
+    try:
+        with quiet_stderr():
+            return reader.read(frames, dtype="float32", always_2d=True)
+    except Exception as e:
+        raise DataError(f"{path}: corrupt audio data ({short_reason(e)})") from None
+
+
+def check_audio_length(path, info, frames_read):
+    """Compressed files whose data stops early decode to fewer samples than their header
+    promises; more than 1 % (and 0.1 s) missing is a damaged file, not a short song."""
+    missing = info.frames - frames_read
+    if missing > max(0.01 * info.frames, 0.1 * info.samplerate):
+        raise DataError(f"{path}: truncated or corrupt ({frames_read:,} of {info.frames:,} samples decode)")
 
 
 def check_audio_samples(path, audio):
@@ -99,9 +149,33 @@ def check_audio_samples(path, audio):
 
 
 def short_reason(error):
-    """First line of an exception message, without libsndfile's noise."""
+    """First line of a decoder's exception message, worded for a user."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text.replace("Error opening ", "").strip()
+    if "does not exist or is not a regular file" in text:  # libsndfile's words for undecodable data
+        return "format not recognised or data corrupt"
+    return text.split(": ", 1)[-1].strip() if text.startswith("Error opening") else text
+
+
+class quiet_stderr:
+    """Silence C libraries (mpg123 prints resync notes on damaged mp3s) for a moment, so a
+    bad file costs the user one line, not a screenful."""
+
+    def __enter__(self):
+        try:
+            sys.stderr.flush()
+            self.saved = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+        except (OSError, ValueError):
+            self.saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            os.dup2(self.saved, 2)
+            os.close(self.saved)
+        return False
 
 
 def resample(audio, rate, new_rate):
@@ -434,8 +508,11 @@ def synthetic_track(split, index, seed=0, rate=SAMPLE_RATE, seconds=SYNTHETIC_SE
               (chords, rng.uniform(0.05, 0.1), rng.uniform(-0.6, 0.6))]
     stereo = [pan(level_rms(x, rms), position) for x, rms, position in stems]
     accompaniment = stereo[1] + stereo[2] + stereo[3]
+    peak = np.abs(stereo[0] + accompaniment).max()
+    scale = min(1.0, 0.9 / peak)  # leave headroom, as a mastered song would
     name = f"synthetic-{split}-{index:03d}"
-    return Track(name, stereo[0].astype(np.float32), accompaniment.astype(np.float32), source="synthetic")
+    return Track(name, (stereo[0] * scale).astype(np.float32), (accompaniment * scale).astype(np.float32),
+                 source="synthetic")
 
 
 def synthetic_song_plan(rng):
@@ -624,10 +701,15 @@ def random_start(total, rng, length=PATCH_SAMPLES):
     return -int(rng.integers(0, length - total + 1))
 
 
-def excerpt(audio, start, length=PATCH_SAMPLES):
-    """Samples [start, start + length) of (channels, samples) audio, zero outside the track.
+def excerpt(audio, start, length=PATCH_SAMPLES, loop=False):
+    """Samples [start, start + length) of (channels, samples) audio, zero outside the track;
+    with loop=True a track shorter than `length` is repeated to fill the excerpt instead.
     Returns (channels, length) float32."""
     channels, total = audio.shape
+    if loop and total < length:
+        repeats = -(-length // total) + 1
+        audio, start = np.tile(np.asarray(audio), (1, repeats)), -start  # -start: random phase in the loop
+        return np.ascontiguousarray(audio[:, start:start + length], dtype=np.float32)
     out = np.zeros((channels, length), dtype=np.float32)
     a, b = max(start, 0), min(start + length, total)
     if b > a:
@@ -635,12 +717,13 @@ def excerpt(audio, start, length=PATCH_SAMPLES):
     return out
 
 
-def random_remix(tracks, rng, remix=True, gain=True, channel_swap=True):
+def random_remix(tracks, rng, remix=True, gain=True, channel_swap=True, loop=False):
     """One mono training example of PATCH_SAMPLES samples: (vocals, accompaniment) float32.
 
     remix: vocals and accompaniment from independently drawn tracks and offsets, so examples
     are not limited to the songs as mixed; otherwise one excerpt of one song. gain: each source
     scaled at random. channel_swap: each source from a random channel, else the left one.
+    loop: tracks shorter than a patch are repeated to fill it rather than padded with silence.
     """
     if remix:
         picks = [(tracks[rng.integers(len(tracks))], None) for _ in TARGETS]
@@ -651,7 +734,7 @@ def random_remix(tracks, rng, remix=True, gain=True, channel_swap=True):
     stems = []
     for name, (track, start) in zip(TARGETS, picks):
         audio = track.stem(name)
-        part = excerpt(audio, random_start(audio.shape[1], rng) if start is None else start)
+        part = excerpt(audio, random_start(audio.shape[1], rng) if start is None else start, loop=loop)
         if gain:
             part = augment_gain(part, rng)
         stems.append(augment_channel(part, rng) if channel_swap else part[0])
@@ -681,8 +764,8 @@ def validation_patches(track, target="vocals", overlap=0.5):
     """Every patch of every channel of one track as mixed, on inference's patch grid.
     Returns (mixture, target) normalised magnitudes, each (n, 1, 512, 128)."""
     hop = patch_hop(overlap)
-    vocals = torch.from_numpy(np.asarray(track.vocals, dtype=np.float32))
-    accompaniment = torch.from_numpy(np.asarray(track.accompaniment, dtype=np.float32))
+    vocals = torch.from_numpy(np.array(track.vocals, dtype=np.float32))  # a copy: the cache is read-only
+    accompaniment = torch.from_numpy(np.array(track.accompaniment, dtype=np.float32))
     mixture_mag = to_patches(stft(vocals + accompaniment).abs(), hop).flatten(0, 1)
     target_mag = to_patches(stft(vocals if target == "vocals" else accompaniment).abs(), hop).flatten(0, 1)
     mixture_mag, target_mag = normalise(mixture_mag, target_mag)

@@ -29,13 +29,15 @@ import soxr
 import torch
 
 import data_generator as dg
-from unet_model import CheckpointError, load_model
+from unet_model import CheckpointError, amp_dtype, load_model
 
 STEMS = ("vocals", "accompaniment")
 DEFAULT_CHECKPOINT = "checkpoints/best_model.pth"
 READ_SECONDS = 30  # input block length; any value gives the same output
+PLOT_SECONDS = 600  # --plot pictures the first 10 minutes
 FULL_BAND_BLOCK = 64  # full-rate STFT frames processed together (Wiener statistics are per block)
-MASK_EXTENSION_BINS = 128  # above 4096 Hz the mask is the mean of the top 128 bins (3-4 kHz)
+MASK_EXTENSION_BINS = 128  # 'mean' extension: above 4096 Hz, the mean of the top 128 bins (3-4 kHz)
+EXTENSIONS = ("mean", "edge", "zero")
 
 
 # -----------------------------------------------------------------------------
@@ -65,9 +67,9 @@ def frequency_interpolation(rate, n_fft):
 # mask sources: the U-Net, or the oracle mask for evaluation's reference rows
 
 def model_mask_fn(model, device, batch_size=16, amp=True):
-    """mask_fn for StreamingSeparator: normalised patches (channels, n, 512, 128) -> masks."""
-    use_amp = amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    """mask_fn for StreamingSeparator: normalised patches (channels, n, 512, 128) -> masks.
+    amp: mixed precision where the device runs it natively (see unet_model.amp_dtype)."""
+    dtype = amp_dtype(device, amp)
 
     @torch.inference_mode()
     def mask_fn(patches, first_patch):
@@ -75,7 +77,7 @@ def model_mask_fn(model, device, batch_size=16, amp=True):
         masks = []
         for i in range(0, flat.shape[0], batch_size):
             x = flat[i:i + batch_size].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 masks.append(model(x).float().cpu())
         return torch.cat(masks).reshape(patches.shape)
     return mask_fn
@@ -112,8 +114,10 @@ class StreamingSeparator:
     """
 
     def __init__(self, rate, channels, mask_fn, target="vocals", overlap=0.5, batch_size=16,
-                 wiener=False, accompaniment="residual"):
-        self.rate, self.channels, self.mask_fn = rate, channels, mask_fn
+                 wiener=False, accompaniment="residual", extension="mean", record_seconds=0):
+        if extension not in EXTENSIONS:
+            raise ValueError(f"extension must be one of {EXTENSIONS}, got {extension!r}")
+        self.rate, self.channels, self.mask_fn, self.extension = rate, channels, mask_fn, extension
         self.target, self.wiener, self.accompaniment = target, wiener, accompaniment
         self.patch_hop = dg.patch_hop(overlap)
         self.batch_size = batch_size
@@ -141,6 +145,9 @@ class StreamingSeparator:
         self.out = torch.zeros(2 if accompaniment == "complement" else 1, channels, 0)
         self.out_weight = torch.zeros(0)
         self.out_start = 0  # global index of out[..., 0]; everything before was emitted
+        # for pictures: the first record_seconds of the 8192 Hz mixture and of the mask
+        self.record_samples = int(record_seconds * dg.SAMPLE_RATE)
+        self.recorded_low, self.recorded_mask = [], []
 
     # -- public ---------------------------------------------------------------
     def process(self, block):
@@ -160,8 +167,16 @@ class StreamingSeparator:
     # -- stages ---------------------------------------------------------------
     def _add_low(self, low):
         low = torch.from_numpy(np.ascontiguousarray(low, dtype=np.float32))
+        if self.low_total < self.record_samples:
+            self.recorded_low.append(low[:, :self.record_samples - self.low_total].clone())
         self.low = torch.cat([self.low, low], dim=1)
         self.low_total += low.shape[1]
+
+    def recording(self):
+        """(mixture (channels, samples) at 8192 Hz, mask (channels, 512, frames)) recorded so far."""
+        low = torch.cat(self.recorded_low, dim=1) if self.recorded_low else torch.zeros(self.channels, 0)
+        mask = torch.cat(self.recorded_mask, dim=-1) if self.recorded_mask else torch.zeros(self.channels, dg.N_BINS, 0)
+        return low, mask[..., :dg.n_frames(low.shape[1])]
 
     def _run(self):
         self._run_patches()
@@ -219,7 +234,10 @@ class StreamingSeparator:
         n = final - self.acc_start
         if n <= 0:
             return
-        self.mask = torch.cat([self.mask, self.acc[..., :n] / self.acc_weight[:n]], dim=-1)
+        final_mask = self.acc[..., :n] / self.acc_weight[:n]
+        self.mask = torch.cat([self.mask, final_mask], dim=-1)
+        if self.acc_start * dg.HOP_LENGTH < self.record_samples:
+            self.recorded_mask.append(final_mask.clone())
         self.acc, self.acc_weight = self.acc[..., n:], self.acc_weight[n:]
         self.acc_start = final
         if self.mask_total is not None:  # drop the zero-padded frames past the end
@@ -274,7 +292,13 @@ class StreamingSeparator:
         m = self.mask[..., low - self.mask_start] * (1 - weight) + self.mask[..., high - self.mask_start] * weight
         bin_low, bin_high, bin_weight, n_above = self.interp
         inside = m[:, bin_low] * (1 - bin_weight[:, None]) + m[:, bin_high] * bin_weight[:, None]
-        above = m[:, -MASK_EXTENSION_BINS:].mean(dim=1, keepdim=True).expand(-1, n_above, -1)
+        if self.extension == "mean":
+            above = m[:, -MASK_EXTENSION_BINS:].mean(dim=1, keepdim=True)
+        elif self.extension == "edge":
+            above = m[:, -1:]
+        else:  # what resampling the 8192 Hz output would give: nothing above 4096 Hz
+            above = torch.zeros_like(m[:, -1:])
+        above = above.expand(-1, n_above, -1)
         # frames before `low` are not needed by any later full-rate frame
         drop = int(position[-1].floor()) - self.mask_start
         if drop > 0:
@@ -360,46 +384,47 @@ def wiener_filter(mask, spec, n_estimates, eps=1e-10):
     return out
 
 
-def separate(audio, rate, mask_fn, **options):
+def separate(audio, rate, mask_fn, return_mask=False, **options):
     """Whole-array separation: audio (channels, samples) -> (vocals, accompaniment), each
-    (channels, samples) float32 at the same rate. options as for StreamingSeparator."""
+    (channels, samples) float32 at the same rate; with return_mask, also the 8192 Hz mask
+    (channels, 512, frames). options as for StreamingSeparator."""
+    if return_mask:
+        options["record_seconds"] = audio.shape[1] / rate + 1
     separator = StreamingSeparator(rate, audio.shape[0], mask_fn, **options)
     parts = [separator.process(audio), separator.finish()]
-    return tuple(np.concatenate([p[i] for p in parts], axis=1) for i in range(2))
+    stems = tuple(np.concatenate([p[i] for p in parts], axis=1) for i in range(2))
+    return stems + (separator.recording()[1],) if return_mask else stems
 
 
 # -----------------------------------------------------------------------------
 # files in, files out
 
-def separate_file(path, outputs, mask_fn, fmt="wav", progress=None, **options):
+def separate_file(path, outputs, mask_fn, fmt="wav", progress=None, plot=None, **options):
     """Stream one audio file through the separator into its two stem files.
 
     outputs: {'vocals': path, 'accompaniment': path}. Each is written to a temporary file
     beside it and renamed only once complete, so a failure never leaves a half-written stem or
-    destroys an earlier one. Returns the input's (rate, channels, frames).
+    destroys an earlier one. plot: a PNG path for a picture of the first minutes.
+    Returns the input's (rate, channels, frames).
     """
     info = dg.check_audio_file(path)
     rate, channels = info.samplerate, info.channels
     subtype = "FLOAT" if fmt == "wav" else "PCM_24"
-    temporary = {stem: Path(p).with_name(f".{Path(p).name}.partial-{os.getpid()}") for stem, p in outputs.items()}
+    temporary = {stem: partial_path(p) for stem, p in outputs.items()}
     writers = {}
     try:
         for stem, tmp in temporary.items():
             writers[stem] = sf.SoundFile(str(tmp), "w", rate, channels, subtype=subtype, format=fmt.upper())
-        separator = StreamingSeparator(rate, channels, mask_fn, **options)
+        separator = StreamingSeparator(rate, channels, mask_fn, record_seconds=PLOT_SECONDS if plot else 0, **options)
         frames = 0
 
         def write(parts):
             for stem, part in zip(STEMS, parts):
-                data = part.T
-                writers[stem].write(np.clip(data, -1, 1) if fmt == "flac" else data)
+                writers[stem].write(np.clip(part.T, -1, 1) if fmt == "flac" else part.T)
 
-        with sf.SoundFile(str(path)) as reader:
+        with dg.open_audio(path) as reader:
             while True:
-                try:
-                    block = reader.read(READ_SECONDS * rate, dtype="float32", always_2d=True)
-                except Exception as e:
-                    raise dg.DataError(f"{path}: cannot decode audio ({dg.short_reason(e)})") from None
+                block = dg.read_block(reader, path, READ_SECONDS * rate)
                 if block.shape[0] == 0:
                     break
                 dg.check_audio_samples(path, block)
@@ -407,11 +432,12 @@ def separate_file(path, outputs, mask_fn, fmt="wav", progress=None, **options):
                 write(separator.process(block.T))
                 if progress is not None:
                     progress(block.shape[0] / rate)
-        if frames == 0:
-            raise dg.DataError(f"{path}: contains no audio samples")
+        dg.check_audio_length(path, info, frames)
         write(separator.finish())
         for w in writers.values():
             w.close()
+        if plot:
+            save_separation_plot(plot, *separator.recording(), title=Path(path).name)
         for stem, tmp in temporary.items():
             os.replace(tmp, outputs[stem])
         return rate, channels, frames
@@ -422,6 +448,50 @@ def separate_file(path, outputs, mask_fn, fmt="wav", progress=None, **options):
         for tmp in temporary.values():
             if tmp.exists():
                 tmp.unlink()
+
+
+def partial_path(path):
+    """Where a file is written before it is renamed into place: hidden, beside it, per process."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+
+
+def separation_figure(mixture, mask, title=""):
+    """Matplotlib figure of the mixture spectrogram, the predicted mask and the vocal spectrogram
+    (mask x mixture) at 8192 Hz. mixture: (channels, samples); mask: (channels, 512, frames)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    magnitude = dg.stft(torch.as_tensor(mixture)).abs().mean(0).numpy()  # channels averaged for the picture
+    mask = torch.as_tensor(mask).mean(0).numpy()
+    frames = min(magnitude.shape[-1], mask.shape[-1])
+    magnitude, mask = magnitude[:, :frames], mask[:, :frames]
+    extent = (0, frames * dg.HOP_LENGTH / dg.SAMPLE_RATE, 0, dg.SAMPLE_RATE / 2)
+    db = lambda x: 20 * np.log10(x + 1e-5)
+    top = db(magnitude).max()
+    fig, axes = plt.subplots(3, 1, figsize=(12, 9), sharex=True, constrained_layout=True)
+    panels = [(db(magnitude), "mixture (dB)", "magma", top - 80, top),
+              (mask, "predicted mask", "viridis", 0, 1),
+              (db(magnitude * mask), "vocals = mask x mixture (dB)", "magma", top - 80, top)]
+    for ax, (image, name, cmap, low, high) in zip(axes, panels):
+        im = ax.imshow(image, origin="lower", aspect="auto", extent=extent, cmap=cmap, vmin=low, vmax=high,
+                       interpolation="nearest")
+        ax.set_title(name)
+        ax.set_ylabel("Hz")
+        fig.colorbar(im, ax=ax)
+    axes[-1].set_xlabel("time (s)")
+    fig.suptitle(title)
+    return fig
+
+
+def save_separation_plot(path, mixture, mask, title=""):
+    """separation_figure as a PNG, written atomically."""
+    import matplotlib.pyplot as plt
+    fig = separation_figure(mixture, mask, title)
+    tmp = partial_path(path)
+    fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def expand_inputs(paths):
@@ -483,12 +553,16 @@ def main():
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     parser.add_argument("--n-channels", type=int, default=None, help="accepted for compatibility with the "
                         "original scripts; the checkpoint already knows its width")
+    parser.add_argument("--no-amp", action="store_true", help="full float32 instead of bf16/fp16 autocast "
+                        "(used on CUDA and on CPUs with native bf16)")
     parser.add_argument("--overlap", type=float, default=0.5, help="overlap of neighbouring 128-frame patches")
     parser.add_argument("--batch-size", type=int, default=16, help="patches per network call")
     parser.add_argument("--wiener", action="store_true", help="refine the masks with a multichannel "
                         "Wiener filter (uses the stereo image)")
     parser.add_argument("--accompaniment", default="residual", choices=["residual", "complement"],
                         help="accompaniment as mixture minus vocals, or by the complementary mask")
+    parser.add_argument("--plot", action="store_true", help="also save <track>_mask.png: mixture spectrogram, "
+                        "predicted mask and vocal spectrogram of the first 10 minutes")
     parser.add_argument("--musdb-root", default=None, help="dataset for the no --audio case (as in train.py)")
     parser.add_argument("--synthetic", action="store_true", help="no --audio: use the synthetic set's test song")
     args = parser.parse_args()
@@ -503,7 +577,7 @@ def main():
         target = checkpoint.get("target", "vocals")
         print(f"model: {args.checkpoint} (n_channels={config['n_channels']}, target={target}, "
               f"epoch {checkpoint.get('epoch', '?')}, validation loss {checkpoint.get('best_val_loss', float('nan')):.4f}) on {device}")
-        mask_fn = model_mask_fn(model, device, args.batch_size)
+        mask_fn = model_mask_fn(model, device, args.batch_size, amp=not args.no_amp)
         options = dict(target=target, overlap=args.overlap, batch_size=args.batch_size,
                        wiener=args.wiener, accompaniment=args.accompaniment)
         if args.audio is None:
@@ -532,18 +606,20 @@ def separate_files(inputs, args, mask_fn, options):
     bar = tqdm(inputs, desc="files", unit="file", disable=len(inputs) < 2)
     for path in bar:
         try:
+            info = dg.check_audio_file(path)  # first, so that a bad input creates nothing
             outputs = output_paths(path, args.output_dir, args.filename, args.format)
             check_outputs(outputs, inputs)
-            info = dg.check_audio_file(path)
+            plot = outputs["vocals"].with_name(f"{Path(path).stem}_mask.png") if args.plot else None
             seconds = info.frames / info.samplerate
             t0 = time.time()
             with tqdm(total=round(seconds, 1), desc=Path(path).name[:30], unit="s", leave=False,
                       disable=seconds < 60, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio") as inner:
-                rate, channels, frames = separate_file(path, outputs, mask_fn, args.format,
+                rate, channels, frames = separate_file(path, outputs, mask_fn, args.format, plot=plot,
                                                        progress=lambda s: inner.update(round(s, 1)), **options)
             elapsed = time.time() - t0
             tqdm.write(f"{path}: {frames / rate:.1f} s, {rate} Hz, {channels} ch -> {outputs['vocals']}, "
-                       f"{outputs['accompaniment']} ({elapsed:.1f} s, {frames / rate / elapsed:.0f}x real time)")
+                       f"{outputs['accompaniment']}" + (f", {plot}" if plot else "")
+                       + f" ({elapsed:.1f} s, {frames / rate / elapsed:.0f}x real time)")
         except dg.DataError as e:
             failed += 1
             tqdm.write(f"error: {e}")
@@ -599,7 +675,7 @@ def sdr(reference, estimate):
 def atomic_write(path, audio, rate, fmt="wav"):
     """Write (channels, samples) audio to path through a temporary file and a rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp = partial_path(path)
     try:
         sf.write(str(tmp), np.asarray(audio).T, rate, subtype="FLOAT" if fmt == "wav" else "PCM_24", format=fmt.upper())
         os.replace(tmp, path)

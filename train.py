@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 import data_generator as dg
-from unet_model import UNet, UNetConfig, save_checkpoint
+import inference
+from unet_model import UNet, UNetConfig, amp_dtype, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # settings
@@ -47,9 +48,13 @@ parser.add_argument("--no-remix", action="store_true", help="train on songs as m
                     "of vocals and accompaniment from different tracks")
 parser.add_argument("--no-gain", action="store_true", help="no random gains")
 parser.add_argument("--no-channel-swap", action="store_true", help="always the left channel instead of a random one")
+parser.add_argument("--short-tracks", default="pad", choices=["pad", "loop"], help="tracks shorter than a patch: "
+                    "padded with silence, or repeated to fill it")
 # model
 parser.add_argument("--n-channels", type=int, default=16, help="first-layer width; layer k has n_channels * 2**k")
 parser.add_argument("--dropout", type=float, default=0.5, help="dropout of the first three decoder layers")
+parser.add_argument("--input-transform", default="linear", choices=["linear", "log1p"],
+                    help="what the network sees of the normalised magnitudes (the mask always scales linear ones)")
 # optimiser and schedule
 parser.add_argument("--epochs", type=int, default=20, help="maximum number of epochs")
 parser.add_argument("--batch-size", type=int, default=16, help="patches per step (per process under torchrun)")
@@ -63,7 +68,8 @@ parser.add_argument("--patience", type=int, default=5, help="stop after this man
 # system
 parser.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
 parser.add_argument("--seed", type=int, default=0, help="random seed")
-parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+parser.add_argument("--no-amp", action="store_true", help="full float32 instead of bf16/fp16 autocast (used on "
+                    "CUDA and on CPUs with native bf16)")
 args = parser.parse_args()
 
 
@@ -96,8 +102,8 @@ else:
     rank, world_size = 0, 1
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
 master = rank == 0
-use_amp = device.type == "cuda" and not args.no_amp
-amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+autocast_dtype = amp_dtype(device, not args.no_amp)
+use_amp = autocast_dtype is not None
 if device.type == "cuda":
     torch.backends.cudnn.benchmark = True
 
@@ -111,13 +117,6 @@ checkpoint_dir = Path(args.checkpoint_dir)
 best_path, last_path = checkpoint_dir / "best_model.pth", checkpoint_dir / "last.pth"
 if args.resume and not last_path.exists():
     fail(f"--resume: no {last_path} to resume from (train without --resume first)")
-if master:
-    try:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--checkpoint-dir {checkpoint_dir}: cannot create it ({e.strerror})")
-    if not os.access(checkpoint_dir, os.W_OK):
-        fail(f"--checkpoint-dir {checkpoint_dir}: not writable")
 
 # -----------------------------------------------------------------------------
 # data
@@ -132,7 +131,8 @@ except dg.DataError as e:
     fail(str(e))
 if not train_tracks or not valid_tracks:
     fail(f"{source.describe()}: needs training and validation tracks, found {len(train_tracks)} and {len(valid_tracks)}")
-augment = dict(remix=not args.no_remix, gain=not args.no_gain, channel_swap=not args.no_channel_swap)
+augment = dict(remix=not args.no_remix, gain=not args.no_gain, channel_swap=not args.no_channel_swap,
+               loop=args.short_tracks == "loop")
 log(f"tracks: {len(train_tracks)} train, {len(valid_tracks)} validation; augmentation: "
     + (", ".join(k for k, v in augment.items() if v) or "none"))
 rng = np.random.default_rng([args.seed, rank])  # each rank draws its own stream of remixes
@@ -146,12 +146,18 @@ def get_batch():
     return dg.patch_spectrograms(vocals.to(device, non_blocking=True), accompaniment.to(device, non_blocking=True), args.target)
 
 
+if master:  # only now that the data is there: a failed start leaves no empty folders behind
+    try:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--checkpoint-dir {checkpoint_dir}: cannot create it ({e.strerror})")
+
 # -----------------------------------------------------------------------------
 # model and optimiser: fresh, or resumed with everything needed to continue exactly
 
 torch.manual_seed(args.seed)
 random.seed(args.seed)
-model_config = UNetConfig(n_channels=args.n_channels, dropout=args.dropout)
+model_config = UNetConfig(n_channels=args.n_channels, dropout=args.dropout, input_transform=args.input_transform)
 start_epoch, step, best_val_loss, bad_epochs, history = 0, 0, float("inf"), 0, []
 checkpoint = None
 if args.resume:
@@ -161,18 +167,20 @@ if args.resume:
         fail(f"--resume: {last_path} was trained with --target {checkpoint['target']}, not {args.target}")
 model = UNet(model_config).to(device)
 optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)  # bf16 needs no scaling
 if checkpoint is not None:
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
-    start_epoch, step = checkpoint["epoch"] + 1, checkpoint["step"]
+    start_epoch, step = checkpoint["epoch"], checkpoint["step"]
     best_val_loss, bad_epochs, history = checkpoint["best_val_loss"], checkpoint["bad_epochs"], checkpoint["history"]
     rng.bit_generator.state = checkpoint["rng"][rank] if rank < len(checkpoint["rng"]) else rng.bit_generator.state
     torch.set_rng_state(checkpoint["torch_rng"])
+    if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
     log(f"resuming from {last_path}: epoch {start_epoch + 1}, step {step}, best validation loss {best_val_loss:.4f}")
 log(f"model: U-Net, n_channels={model_config.n_channels}, {model.get_num_params():,} parameters, on {device}"
-    + (f" x {world_size} processes" if ddp else "") + (f", autocast {amp_dtype}" if use_amp else ""))
+    + (f" x {world_size} processes" if ddp else "") + (f", autocast {autocast_dtype}" if use_amp else ""))
 raw_model = model
 if ddp:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -208,7 +216,7 @@ def estimate_val_loss():
         mixture, target = dg.validation_patches(track, args.target)
         for j in range(0, mixture.shape[0], args.batch_size):
             x, y = mixture[j:j + args.batch_size].to(device), target[j:j + args.batch_size].to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_amp):
                 mask = raw_model(x).float()
             sums += torch.stack([(mask * x - y).abs().sum(), mask.sum(), mask.square().sum(),
                                  torch.tensor(float(mask.numel()), device=device)]).double()
@@ -219,11 +227,29 @@ def estimate_val_loss():
     return loss, mean, math.sqrt(max(0.0, (sums[2] / sums[3]).item() - mean ** 2))
 
 
+def log_separations(epoch, n_tracks=2, seconds=10):
+    """TensorBoard pictures (mixture, predicted mask, vocals) and audio of the vocals the current
+    model separates from the first validation songs, through inference's separator."""
+    model.eval()
+    mask_fn = inference.model_mask_fn(raw_model, device, amp=use_amp)
+    for i, track in enumerate(valid_tracks[:n_tracks]):
+        mixture = np.array(track.mixture[:1, :seconds * dg.SAMPLE_RATE])
+        vocals, _, mask = inference.separate(mixture, dg.SAMPLE_RATE, mask_fn, target=args.target, return_mask=True)
+        writer.add_figure(f"separation/{i}", inference.separation_figure(mixture, mask, track.name), epoch)
+        peak = max(1.0, float(np.abs(mixture).max()))  # TensorBoard clips audio at +-1
+        writer.add_audio(f"separation/{i}_vocals", torch.from_numpy(vocals[0] / peak), epoch, sample_rate=dg.SAMPLE_RATE)
+        if epoch == 0:
+            writer.add_audio(f"separation/{i}_mixture", torch.from_numpy(mixture[0] / peak), epoch,
+                             sample_rate=dg.SAMPLE_RATE)
+    model.train()
+
+
 def save(path, epoch):
     save_checkpoint(path, raw_model, dg.SPEC_CONFIG, args.target, optimizer=optimizer.state_dict(),
                     scaler=scaler.state_dict(), args=vars(args), epoch=epoch, step=step,
                     best_val_loss=best_val_loss, bad_epochs=bad_epochs, history=history, rng=rng_states,
-                    torch_rng=torch.get_rng_state(), dataset=source.describe())
+                    torch_rng=torch.get_rng_state(), dataset=source.describe(),
+                    cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
 # -----------------------------------------------------------------------------
@@ -242,6 +268,7 @@ if not args.resume:
     log(f"before training: validation loss {val_loss:.4f}, mask mean {mask_mean:.3f} std {mask_std:.3f}")
     if master:
         writer.add_scalar("val/loss", val_loss, 0)
+        log_separations(0)
 started = time.time()
 epoch = start_epoch
 rng_states = [rng.bit_generator.state]
@@ -256,7 +283,7 @@ try:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             mixture, target = get_batch()
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_amp):
                 mask = model(mixture)
             loss = (mask.float() * mixture - target).abs().mean()  # L1,1 on normalised magnitudes
             optimizer.zero_grad(set_to_none=True)
@@ -285,10 +312,11 @@ try:
             writer.add_scalar("val/mask_mean", mask_mean, epoch + 1)
             writer.add_scalar("val/mask_std", mask_std, epoch + 1)
             writer.add_scalar("train/lr", lr, epoch + 1)
+            log_separations(epoch + 1)
             writer.flush()
             if improved:
-                save(best_path, epoch)
-            save(last_path, epoch)
+                save(best_path, epoch + 1)
+            save(last_path, epoch + 1)
         log(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
             f"{' (best)' if improved else ''}, mask mean {mask_mean:.3f} std {mask_std:.3f}, "
             f"lr {lr:.1e}, {time.time() - t0:.0f} s")

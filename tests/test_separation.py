@@ -34,7 +34,7 @@ def test_a_mask_of_ones_gives_back_the_input(rate, channels, seconds):
 
 def test_streaming_in_small_blocks_equals_one_block(tiny_checkpoint):
     model, _ = load_model(tiny_checkpoint)
-    mask_fn = inference.model_mask_fn(model, torch.device("cpu"), batch_size=4)
+    mask_fn = inference.model_mask_fn(model, torch.device("cpu"), batch_size=4, amp=False)
     rate = 44100
     audio = noise(2, 61.3, rate, seed=1)
     whole = inference.separate(audio, rate, mask_fn, batch_size=4)
@@ -76,7 +76,7 @@ def reference_separation(audio, rate, mask_fn, overlap=0.5):
 @pytest.mark.parametrize("rate,seconds", [(44100, 20.0), (16000, 3.3)])
 def test_streaming_engine_matches_a_plain_whole_array_implementation(tiny_checkpoint, rate, seconds):
     model, _ = load_model(tiny_checkpoint)
-    mask_fn = inference.model_mask_fn(model, torch.device("cpu"))
+    mask_fn = inference.model_mask_fn(model, torch.device("cpu"), amp=False)
     audio = noise(2, seconds, rate, seed=2)
     vocals, accompaniment = inference.separate(audio, rate, mask_fn)
     expected = reference_separation(audio, rate, mask_fn)
