@@ -444,7 +444,7 @@ def cached_musdb_track(mtrack, cache_dir):
         audio = {"vocals": stems[4].T, "accompaniment": (stems[1] + stems[2] + stems[3]).T}
         folder.mkdir(parents=True, exist_ok=True)
         for name, f in files.items():
-            tmp = f.with_suffix(".tmp.npy")
+            tmp = f.with_name(f"{name}.{os.getpid()}.tmp.npy")  # per process: torchrun ranks fill it together
             np.save(tmp, resample(audio[name], rate, SAMPLE_RATE))
             os.replace(tmp, f)  # a killed run never leaves a half-written cache entry
     arrays = {name: np.load(f, mmap_mode="r") for name, f in files.items()}
@@ -727,6 +727,10 @@ def random_remix(tracks, rng, remix=True, gain=True, channel_swap=True, loop=Fal
     """
     if remix:
         picks = [(tracks[rng.integers(len(tracks))], None) for _ in TARGETS]
+        short = [track for track, _ in picks if track.vocals.shape[1] < PATCH_SAMPLES]
+        if len(short) == 2:  # two short clips share one placement, so they overlap as in a real song
+            start = random_start(min(t.vocals.shape[1] for t in short), rng)
+            picks = [(track, start) for track, _ in picks]
     else:
         track = tracks[rng.integers(len(tracks))]
         start = random_start(track.vocals.shape[1], rng)

@@ -73,7 +73,7 @@ def estimate(method, mixture, references, rate, mask_fn, options):
         low_mixture = dg.resample(mixture, rate, dg.SAMPLE_RATE)
         low_vocals = dg.resample(references["vocals"], rate, dg.SAMPLE_RATE)
         mask_fn = inference.oracle_mask_fn(low_vocals, low_mixture, options.get("overlap", 0.5))
-        options = dict(options, target="vocals")
+        options = dict(options, target="vocals", mask_channels="each")  # the oracle knows every channel
     vocals, accompaniment = inference.separate(mixture, rate, mask_fn, **options)
     return {"vocals": vocals, "accompaniment": accompaniment}
 
@@ -159,6 +159,8 @@ def main():
                         help="accompaniment as mixture minus vocals, or by the complementary mask")
     parser.add_argument("--extension", default="mean", choices=inference.EXTENSIONS,
                         help="mask above 4096 Hz: mean of the 3-4 kHz mask, its top bin, or zero (band-limited)")
+    parser.add_argument("--mask-channels", default="each", choices=["each", "mid"],
+                        help="a mask per channel, or one from the channels' mean")
     args = parser.parse_args()
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -170,7 +172,7 @@ def main():
     try:
         mask_fn = None
         options = dict(overlap=args.overlap, wiener=args.wiener, accompaniment=args.accompaniment,
-                       extension=args.extension)
+                       extension=args.extension, mask_channels=args.mask_channels)
         if "model" in methods:
             device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
             model, checkpoint = load_model(args.checkpoint, device, expected_spec=dg.SPEC_CONFIG)

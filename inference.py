@@ -107,6 +107,8 @@ class StreamingSeparator:
 
     rate, channels: of the input. mask_fn: normalised patches (channels, n, 512, 128) -> masks.
     target: what the mask extracts ('vocals' or 'accompaniment').
+    mask_channels: 'each' predicts a mask per input channel; 'mid' one mask from the channels'
+    mean, applied to every channel (half the network time for stereo).
     process(block (channels, samples)) and finish() return (vocals, accompaniment), each
     (channels, k) float32: the samples that became final. Their concatenation has exactly the
     input's length. Every stage works on a grid fixed by the file's start (patches every `hop`
@@ -114,25 +116,28 @@ class StreamingSeparator:
     """
 
     def __init__(self, rate, channels, mask_fn, target="vocals", overlap=0.5, batch_size=16,
-                 wiener=False, accompaniment="residual", extension="mean", record_seconds=0):
+                 wiener=False, accompaniment="residual", extension="mean", mask_channels="each",
+                 record_seconds=0):
         if extension not in EXTENSIONS:
             raise ValueError(f"extension must be one of {EXTENSIONS}, got {extension!r}")
         self.rate, self.channels, self.mask_fn, self.extension = rate, channels, mask_fn, extension
+        self.mid = mask_channels == "mid"
+        low_channels = 1 if self.mid else channels  # channels of the 8192 Hz signal and of the mask
         self.target, self.wiener, self.accompaniment = target, wiener, accompaniment
         self.patch_hop = dg.patch_hop(overlap)
         self.batch_size = batch_size
         self.resampler = None if rate == dg.SAMPLE_RATE else soxr.ResampleStream(
-            rate, dg.SAMPLE_RATE, channels, dtype="float32", quality="HQ")
+            rate, dg.SAMPLE_RATE, low_channels, dtype="float32", quality="HQ")
         self.done = False
         # 8192 Hz signal: buffer, global index of its first sample, samples received
-        self.low = torch.zeros(channels, 0)
+        self.low = torch.zeros(low_channels, 0)
         self.low_start = self.low_total = 0
         self.next_patch = 0
         # cross-faded masks: running sums from frame acc_start; final masks from mask_start
-        self.acc = torch.zeros(channels, dg.N_BINS, 0)
+        self.acc = torch.zeros(low_channels, dg.N_BINS, 0)
         self.acc_weight = torch.zeros(0)
         self.acc_start = 0
-        self.mask = torch.zeros(channels, dg.N_BINS, 0)
+        self.mask = torch.zeros(low_channels, dg.N_BINS, 0)
         self.mask_start = 0
         self.mask_total = None  # frames of mask once the input has ended
         # full-rate signal and STFT
@@ -154,13 +159,15 @@ class StreamingSeparator:
         block = np.ascontiguousarray(block, dtype=np.float32)
         self.high = torch.cat([self.high, torch.from_numpy(block)], dim=1)
         self.high_total += block.shape[1]
+        if self.mid:
+            block = block.mean(axis=0, keepdims=True)
         low = block if self.resampler is None else self.resampler.resample_chunk(block.T).T
         self._add_low(low)
         return self._run()
 
     def finish(self):
         if self.resampler is not None:
-            self._add_low(self.resampler.resample_chunk(np.zeros((0, self.channels), np.float32), last=True).T)
+            self._add_low(self.resampler.resample_chunk(np.zeros((0, self.low.shape[0]), np.float32), last=True).T)
         self.done = True
         return self._run()
 
@@ -174,8 +181,8 @@ class StreamingSeparator:
 
     def recording(self):
         """(mixture (channels, samples) at 8192 Hz, mask (channels, 512, frames)) recorded so far."""
-        low = torch.cat(self.recorded_low, dim=1) if self.recorded_low else torch.zeros(self.channels, 0)
-        mask = torch.cat(self.recorded_mask, dim=-1) if self.recorded_mask else torch.zeros(self.channels, dg.N_BINS, 0)
+        low = torch.cat(self.recorded_low, dim=1) if self.recorded_low else torch.zeros(self.low.shape[0], 0)
+        mask = torch.cat(self.recorded_mask, dim=-1) if self.recorded_mask else torch.zeros(self.low.shape[0], dg.N_BINS, 0)
         return low, mask[..., :dg.n_frames(low.shape[1])]
 
     def _run(self):

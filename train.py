@@ -43,10 +43,11 @@ parser.add_argument("--cache-dir", default=str(dg.DEFAULT_CACHE_DIR), help="deco
 parser.add_argument("--target", default="vocals", choices=dg.TARGETS, help="source the mask extracts "
                     "(accompaniment: the original material's instrumental model)")
 parser.add_argument("--n-songs", type=int, default=10, help="training tracks to use")
-parser.add_argument("--steps-per-epoch", type=int, default=100, help="batches per epoch, whatever the number of tracks")
+parser.add_argument("--steps-per-epoch", type=int, default=180, help="batches per epoch, whatever the number of tracks")
 parser.add_argument("--no-remix", action="store_true", help="train on songs as mixed instead of random remixes "
                     "of vocals and accompaniment from different tracks")
-parser.add_argument("--no-gain", action="store_true", help="no random gains")
+parser.add_argument("--gain", action="store_true", help="random gains (0.25-1.25) per source; measured neutral on "
+                    "vocals and 0.35 dB worse on accompaniment on the MUSDB18 previews, so off by default")
 parser.add_argument("--no-channel-swap", action="store_true", help="always the left channel instead of a random one")
 parser.add_argument("--short-tracks", default="pad", choices=["pad", "loop"], help="tracks shorter than a patch: "
                     "padded with silence, or repeated to fill it")
@@ -131,7 +132,7 @@ except dg.DataError as e:
     fail(str(e))
 if not train_tracks or not valid_tracks:
     fail(f"{source.describe()}: needs training and validation tracks, found {len(train_tracks)} and {len(valid_tracks)}")
-augment = dict(remix=not args.no_remix, gain=not args.no_gain, channel_swap=not args.no_channel_swap,
+augment = dict(remix=not args.no_remix, gain=args.gain, channel_swap=not args.no_channel_swap,
                loop=args.short_tracks == "loop")
 log(f"tracks: {len(train_tracks)} train, {len(valid_tracks)} validation; augmentation: "
     + (", ".join(k for k, v in augment.items() if v) or "none"))
@@ -329,6 +330,13 @@ except KeyboardInterrupt:
     if ddp:
         dist.destroy_process_group()
     sys.exit(130)
+if ddp:  # DDP keeps replicas in step by averaging gradients; check that it did
+    checksum = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum().reshape(1)
+    gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
+    dist.all_gather(gathered, checksum)
+    agree = all(torch.equal(g, gathered[0]) for g in gathered)
+    log(f"DDP: weights {'identical' if agree else 'DIFFERENT'} across {world_size} ranks "
+        f"(parameter sums {', '.join(f'{g.item():.6f}' for g in gathered)})")
 log(f"done in {time.time() - started:.0f} s: best validation loss {best_val_loss:.4f}; "
     f"best model {best_path}, last {last_path}, logs {checkpoint_dir / 'logs'}")
 if writer is not None:
