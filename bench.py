@@ -238,7 +238,7 @@ def main():
         if args.only in (None, "training"):
             bench_training(args, results)
     print()
-    print(f"| part | measurement | value | note |\n|---|---|---|---|")
+    print("| part | measurement | value | note |\n|---|---|---|---|")
     for part, what, value, note in results:
         print(f"| {part} | {what} | {value} | {note} |")
 

@@ -682,6 +682,9 @@ def add_at(out, x, start):
 # -----------------------------------------------------------------------------
 # training examples: random remixes cut into patches
 
+SPEED_RANGE = (0.85, 1.15)
+
+
 def augment_gain(audio, rng, low=0.25, high=1.25):
     """Scale a source by a random gain (open-unmix's range)."""
     return audio * rng.uniform(low, high)
@@ -717,13 +720,23 @@ def excerpt(audio, start, length=PATCH_SAMPLES, loop=False):
     return out
 
 
-def random_remix(tracks, rng, remix=True, gain=True, channel_swap=True, loop=False):
+def change_speed(audio, factor, length=PATCH_SAMPLES):
+    """Play (channels, n) audio `factor` times faster, as a tape would (pitch and tempo
+    together), and cut or pad the result to `length` samples."""
+    out = soxr.resample(np.ascontiguousarray(audio.T), audio.shape[1], length * audio.shape[1] / (length * factor),
+                        quality="LQ").T  # rates only set the ratio; LQ is plenty for augmentation
+    out = out[:, :length]
+    return np.ascontiguousarray(np.pad(out, ((0, 0), (0, length - out.shape[1]))), dtype=np.float32)
+
+
+def random_remix(tracks, rng, remix=True, gain=True, channel_swap=True, loop=False, speed=False):
     """One mono training example of PATCH_SAMPLES samples: (vocals, accompaniment) float32.
 
     remix: vocals and accompaniment from independently drawn tracks and offsets, so examples
     are not limited to the songs as mixed; otherwise one excerpt of one song. gain: each source
     scaled at random. channel_swap: each source from a random channel, else the left one.
     loop: tracks shorter than a patch are repeated to fill it rather than padded with silence.
+    speed: each source played 0.85-1.15 times as fast (about +-2.5 semitones and tempo).
     """
     if remix:
         picks = [(tracks[rng.integers(len(tracks))], None) for _ in TARGETS]
@@ -738,10 +751,15 @@ def random_remix(tracks, rng, remix=True, gain=True, channel_swap=True, loop=Fal
     stems = []
     for name, (track, start) in zip(TARGETS, picks):
         audio = track.stem(name)
-        part = excerpt(audio, random_start(audio.shape[1], rng) if start is None else start, loop=loop)
+        factor = rng.uniform(*SPEED_RANGE) if speed else 1.0
+        length = int(np.ceil(PATCH_SAMPLES * factor))  # read enough to fill the patch after the change
+        part = excerpt(audio, random_start(audio.shape[1], rng, length) if start is None else start, length, loop=loop)
+        part = augment_channel(part, rng) if channel_swap else part[0]
+        if speed:
+            part = change_speed(part[None], factor)[0]
         if gain:
             part = augment_gain(part, rng)
-        stems.append(augment_channel(part, rng) if channel_swap else part[0])
+        stems.append(part)
     return stems[0], stems[1]
 
 

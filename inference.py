@@ -17,7 +17,6 @@ Everything runs as a stream over blocks of the file, so memory stays flat for an
 the result does not depend on the block size.
 """
 import argparse
-import math
 import os
 import sys
 import time

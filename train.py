@@ -49,6 +49,7 @@ parser.add_argument("--no-remix", action="store_true", help="train on songs as m
 parser.add_argument("--gain", action="store_true", help="random gains (0.25-1.25) per source; measured neutral on "
                     "vocals and 0.35 dB worse on accompaniment on the MUSDB18 previews, so off by default")
 parser.add_argument("--no-channel-swap", action="store_true", help="always the left channel instead of a random one")
+parser.add_argument("--speed", action="store_true", help="play each source 0.85-1.15 times as fast (pitch and tempo)")
 parser.add_argument("--short-tracks", default="pad", choices=["pad", "loop"], help="tracks shorter than a patch: "
                     "padded with silence, or repeated to fill it")
 # model
@@ -64,7 +65,7 @@ parser.add_argument("--lr-schedule", default="cosine", choices=["cosine", "const
                     help="cosine: linear warm-up, then cosine decay to lr/10 over all epochs")
 parser.add_argument("--warmup-steps", type=int, default=100, help="steps of linear warm-up")
 parser.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
-parser.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better "
+parser.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better "
                     "validation loss (0: never)")
 # system
 parser.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
@@ -133,18 +134,24 @@ except dg.DataError as e:
 if not train_tracks or not valid_tracks:
     fail(f"{source.describe()}: needs training and validation tracks, found {len(train_tracks)} and {len(valid_tracks)}")
 augment = dict(remix=not args.no_remix, gain=args.gain, channel_swap=not args.no_channel_swap,
-               loop=args.short_tracks == "loop")
+               loop=args.short_tracks == "loop", speed=args.speed)
 log(f"tracks: {len(train_tracks)} train, {len(valid_tracks)} validation; augmentation: "
     + (", ".join(k for k, v in augment.items() if v) or "none"))
 rng = np.random.default_rng([args.seed, rank])  # each rank draws its own stream of remixes
 
 
+def to_device(array):
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()  # so that the copy can overlap with the GPU's work
+    return tensor.to(device, non_blocking=True)
+
+
 def get_batch():
-    """A training batch on the device: (mixture, target) normalised magnitudes (batch, 1, 512, 128)."""
+    """A training batch on the device: (mixture, target) normalised magnitudes (batch, 1, 512, 128).
+    Waveforms are cut on the CPU; the STFT runs on the device."""
     vocals, accompaniment = dg.training_batch(train_tracks, args.batch_size, rng, **augment)
-    vocals = torch.from_numpy(vocals).pin_memory() if device.type == "cuda" else torch.from_numpy(vocals)
-    accompaniment = torch.from_numpy(accompaniment).pin_memory() if device.type == "cuda" else torch.from_numpy(accompaniment)
-    return dg.patch_spectrograms(vocals.to(device, non_blocking=True), accompaniment.to(device, non_blocking=True), args.target)
+    return dg.patch_spectrograms(to_device(vocals), to_device(accompaniment), args.target)
 
 
 if master:  # only now that the data is there: a failed start leaves no empty folders behind
@@ -294,7 +301,7 @@ try:
             step += 1
             running += loss.item()
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
-            if master and step % 10 == 0:
+            if master and step % 10 == 0:  # per-step curve, thinned
                 writer.add_scalar("train/loss_step", loss.item(), step)
         train_loss = running / args.steps_per_epoch
         val_loss, mask_mean, mask_std = estimate_val_loss()

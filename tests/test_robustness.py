@@ -1,5 +1,4 @@
 """Bad input gets one clear line and a non-zero exit, and nothing is lost; unusual input works."""
-import os
 import signal
 import subprocess
 import sys
