@@ -153,6 +153,7 @@ def main():
     parser.add_argument("--tracks", type=int, default=None, help="score only the first N tracks")
     parser.add_argument("--output-dir", default="outputs/eval", help="museval JSON per method and track, and summary.json")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
+    parser.add_argument("--no-amp", action="store_true", help="full float32 instead of bf16/fp16 autocast")
     parser.add_argument("--overlap", type=float, default=0.5, help="patch overlap")
     parser.add_argument("--wiener", action="store_true", help="multichannel Wiener post-processing")
     parser.add_argument("--accompaniment", default="residual", choices=["residual", "complement"],
@@ -176,7 +177,7 @@ def main():
         if "model" in methods:
             device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
             model, checkpoint = load_model(args.checkpoint, device, expected_spec=dg.SPEC_CONFIG)
-            mask_fn = inference.model_mask_fn(model, device)
+            mask_fn = inference.model_mask_fn(model, device, amp=not args.no_amp)
             options["target"] = checkpoint.get("target", "vocals")
             print(f"model: {args.checkpoint} (n_channels={checkpoint['model_config']['n_channels']}, "
                   f"target={options['target']}, epoch {checkpoint.get('epoch', '?')})")

@@ -49,7 +49,8 @@ parser.add_argument("--no-remix", action="store_true", help="train on songs as m
 parser.add_argument("--gain", action="store_true", help="random gains (0.25-1.25) per source; measured neutral on "
                     "vocals and 0.35 dB worse on accompaniment on the MUSDB18 previews, so off by default")
 parser.add_argument("--no-channel-swap", action="store_true", help="always the left channel instead of a random one")
-parser.add_argument("--speed", action="store_true", help="play each source 0.85-1.15 times as fast (pitch and tempo)")
+parser.add_argument("--no-speed", action="store_true", help="no random speed change (each source is otherwise "
+                    "played 0.85-1.15 times as fast, pitch and tempo together)")
 parser.add_argument("--short-tracks", default="pad", choices=["pad", "loop"], help="tracks shorter than a patch: "
                     "padded with silence, or repeated to fill it")
 # model
@@ -134,7 +135,7 @@ except dg.DataError as e:
 if not train_tracks or not valid_tracks:
     fail(f"{source.describe()}: needs training and validation tracks, found {len(train_tracks)} and {len(valid_tracks)}")
 augment = dict(remix=not args.no_remix, gain=args.gain, channel_swap=not args.no_channel_swap,
-               loop=args.short_tracks == "loop", speed=args.speed)
+               loop=args.short_tracks == "loop", speed=not args.no_speed)
 log(f"tracks: {len(train_tracks)} train, {len(valid_tracks)} validation; augmentation: "
     + (", ".join(k for k, v in augment.items() if v) or "none"))
 rng = np.random.default_rng([args.seed, rank])  # each rank draws its own stream of remixes

@@ -75,7 +75,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert loaded.config == model.config
     x = torch.rand(1, 1, 512, 128)
     with torch.no_grad():
-        assert torch.equal(loaded(x), model(x))
+        assert torch.allclose(loaded(x), model(x), atol=1e-6)  # loaded channels-last: rounding only
     assert not path.with_name("m.pth.tmp").exists()
 
 
