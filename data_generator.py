@@ -729,7 +729,7 @@ def change_speed(audio, factor, length=PATCH_SAMPLES):
     return np.ascontiguousarray(np.pad(out, ((0, 0), (0, length - out.shape[1]))), dtype=np.float32)
 
 
-def random_remix(tracks, rng, remix=True, gain=True, channel_swap=True, loop=False, speed=False):
+def random_remix(tracks, rng, remix=True, gain=False, channel_swap=True, loop=False, speed=True):
     """One mono training example of PATCH_SAMPLES samples: (vocals, accompaniment) float32.
 
     remix: vocals and accompaniment from independently drawn tracks and offsets, so examples
@@ -737,6 +737,7 @@ def random_remix(tracks, rng, remix=True, gain=True, channel_swap=True, loop=Fal
     scaled at random. channel_swap: each source from a random channel, else the left one.
     loop: tracks shorter than a patch are repeated to fill it rather than padded with silence.
     speed: each source played 0.85-1.15 times as fast (about +-2.5 semitones and tempo).
+    The defaults are train.py's, chosen by measurement (see README, Results).
     """
     if remix:
         picks = [(tracks[rng.integers(len(tracks))], None) for _ in TARGETS]

@@ -53,7 +53,7 @@ def test_excerpt_of_a_short_track_is_used_whole_in_zeros():
 def test_random_remix_mixes_different_songs_with_gains():
     tracks = [dg.synthetic_track("train", i, seconds=13) for i in range(3)]
     rng = np.random.default_rng(0)
-    vocals, accompaniment = dg.training_batch(tracks, 8, rng)
+    vocals, accompaniment = dg.training_batch(tracks, 8, rng, gain=True)
     assert vocals.shape == accompaniment.shape == (8, dg.PATCH_SAMPLES)
     levels = np.sqrt(np.mean(vocals ** 2, axis=1))
     assert levels.max() / max(levels.min(), 1e-9) > 1.3  # random gains
@@ -62,7 +62,7 @@ def test_random_remix_mixes_different_songs_with_gains():
     assert torch.allclose(mixture.mean(dim=(1, 2, 3)), torch.ones(8), atol=1e-4)
     # without remixing, gains or channel swap an example is one excerpt of one song as mixed
     song = tracks[0]
-    v, a = dg.random_remix([song], np.random.default_rng(1), remix=False, gain=False, channel_swap=False)
+    v, a = dg.random_remix([song], np.random.default_rng(1), remix=False, gain=False, channel_swap=False, speed=False)
     loudest = int(np.abs(v).argmax())
     starts = [s for s in range(song.vocals.shape[1] - dg.PATCH_SAMPLES + 1)
               if song.vocals[0, s + loudest] == v[loudest] and np.array_equal(song.vocals[0, s:s + dg.PATCH_SAMPLES], v)]
