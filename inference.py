@@ -586,6 +586,9 @@ def main():
                         "Wiener filter (uses the stereo image)")
     parser.add_argument("--accompaniment", default="residual", choices=["residual", "complement"],
                         help="accompaniment as mixture minus vocals, or by the complementary mask")
+    parser.add_argument("--mask-channels", default="each", choices=["each", "mid"],
+                        help="a mask per channel, or one mask from the channels' mean for all (half the "
+                             "network time, 0.25 dB less vocals SDR on MUSDB18)")
     parser.add_argument("--plot", action="store_true", help="also save <track>_mask.png: mixture spectrogram, "
                         "predicted mask and vocal spectrogram of the first 10 minutes")
     parser.add_argument("--musdb-root", default=None, help="dataset for the no --audio case (as in train.py)")
@@ -604,7 +607,7 @@ def main():
               f"epoch {checkpoint.get('epoch', '?')}, validation loss {checkpoint.get('best_val_loss', float('nan')):.4f}) on {device}")
         mask_fn = model_mask_fn(model, device, args.batch_size, amp=not args.no_amp)
         options = dict(target=target, overlap=args.overlap, batch_size=args.batch_size,
-                       wiener=args.wiener, accompaniment=args.accompaniment)
+                       wiener=args.wiener, accompaniment=args.accompaniment, mask_channels=args.mask_channels)
         if args.audio is None:
             return separate_dataset_track(args, mask_fn, options)
         inputs = expand_inputs(args.audio)

@@ -16,6 +16,7 @@ same shape.
 import argparse
 import os
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -171,9 +172,15 @@ def export(model, kind, path, frames=128):
     model = model.eval().cpu()
     example = torch.rand(1, 1, 512, frames)
     if kind == "onnx":
-        torch.onnx.export(model, (example,), str(path), input_names=["magnitude"], output_names=["mask"],
-                          dynamic_axes={"magnitude": {0: "batch"}, "mask": {0: "batch"}},
-                          opset_version=17, dynamo=False)
+        try:
+            import onnx  # noqa: F401  torch's exporter needs it; fail before any file is written
+        except ImportError:
+            raise SystemExit("error: ONNX export needs the onnx package: pip install onnx")
+        with warnings.catch_warnings():  # the TorchScript-based exporter is deprecated but needs no onnxscript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (example,), str(path), input_names=["magnitude"], output_names=["mask"],
+                              dynamic_axes={"magnitude": {0: "batch"}, "mask": {0: "batch"}},
+                              opset_version=17, dynamo=False)
     elif kind == "torchscript":
         torch.jit.trace(model, example).save(str(path))
     else:
