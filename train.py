@@ -11,6 +11,7 @@ checkpoint (by validation loss on musdb's validation split) to --checkpoint-dir 
 TensorBoard logs to <checkpoint-dir>/logs.
 """
 import argparse
+import copy
 import math
 import os
 import random
@@ -66,6 +67,8 @@ parser.add_argument("--lr-schedule", default="cosine", choices=["cosine", "const
                     help="cosine: linear warm-up, then cosine decay to lr/10 over all epochs")
 parser.add_argument("--warmup-steps", type=int, default=100, help="steps of linear warm-up")
 parser.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+parser.add_argument("--ema", type=float, default=0.0, help="validate and save an exponential moving average of the "
+                    "weights with this decay (e.g. 0.998); 0: the weights as trained")
 parser.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better "
                     "validation loss (0: never)")
 # system
@@ -178,7 +181,7 @@ model = UNet(model_config).to(device)
 optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)  # bf16 needs no scaling
 if checkpoint is not None:
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(checkpoint.get("train_model", checkpoint["model"]))  # "model" holds the average under --ema
     optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
     start_epoch, step = checkpoint["epoch"], checkpoint["step"]
@@ -191,6 +194,24 @@ if checkpoint is not None:
 log(f"model: U-Net, n_channels={model_config.n_channels}, {model.get_num_params():,} parameters, on {device}"
     + (f" x {world_size} processes" if ddp else "") + (f", autocast {autocast_dtype}" if use_amp else ""))
 raw_model = model
+# the weights that are validated and saved: an exponential moving average of the trained ones when --ema
+eval_model = copy.deepcopy(raw_model) if args.ema > 0 else raw_model
+if checkpoint is not None and args.ema > 0:
+    eval_model.load_state_dict(checkpoint["model"])
+
+
+@torch.no_grad()
+def update_ema():
+    """Move the averaged weights towards the trained ones; the decay ramps up over the first steps
+    so that the random initialisation is forgotten quickly."""
+    decay = min(args.ema, (1 + step) / (10 + step))
+    for averaged, trained in zip(eval_model.state_dict().values(), raw_model.state_dict().values()):
+        if averaged.is_floating_point():
+            averaged.lerp_(trained, 1 - decay)
+        else:
+            averaged.copy_(trained)  # BatchNorm's batch counter
+
+
 if ddp:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -217,7 +238,7 @@ def get_lr(it):
 @torch.no_grad()
 def estimate_val_loss():
     """(loss, mask mean, mask std) over the validation patches, shared out between ranks."""
-    model.eval()
+    eval_model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # |error|, mask, mask^2, elements
     for i, track in enumerate(valid_tracks):
         if i % world_size != rank:
@@ -226,12 +247,12 @@ def estimate_val_loss():
         for j in range(0, mixture.shape[0], args.batch_size):
             x, y = mixture[j:j + args.batch_size].to(device), target[j:j + args.batch_size].to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_amp):
-                mask = raw_model(x).float()
+                mask = eval_model(x).float()
             sums += torch.stack([(mask * x - y).abs().sum(), mask.sum(), mask.square().sum(),
                                  torch.tensor(float(mask.numel()), device=device)]).double()
     if ddp:
         dist.all_reduce(sums)
-    model.train()
+    eval_model.train()
     loss, mean = (sums[0] / sums[3]).item(), (sums[1] / sums[3]).item()
     return loss, mean, math.sqrt(max(0.0, (sums[2] / sums[3]).item() - mean ** 2))
 
@@ -239,8 +260,8 @@ def estimate_val_loss():
 def log_separations(epoch, n_tracks=2, seconds=10):
     """TensorBoard pictures (mixture, predicted mask, vocals) and audio of the vocals the current
     model separates from the first validation songs, through inference's separator."""
-    model.eval()
-    mask_fn = inference.model_mask_fn(raw_model, device, amp=use_amp)
+    eval_model.eval()
+    mask_fn = inference.model_mask_fn(eval_model, device, amp=use_amp)
     for i, track in enumerate(valid_tracks[:n_tracks]):
         mixture = np.array(track.mixture[:1, :seconds * dg.SAMPLE_RATE])
         vocals, _, mask = inference.separate(mixture, dg.SAMPLE_RATE, mask_fn, target=args.target, return_mask=True)
@@ -250,15 +271,16 @@ def log_separations(epoch, n_tracks=2, seconds=10):
         if epoch == 0:
             writer.add_audio(f"separation/{i}_mixture", torch.from_numpy(mixture[0] / peak), epoch,
                              sample_rate=dg.SAMPLE_RATE)
-    model.train()
+    eval_model.train()
 
 
 def save(path, epoch):
-    save_checkpoint(path, raw_model, dg.SPEC_CONFIG, args.target, optimizer=optimizer.state_dict(),
+    extra = dict(train_model=raw_model.state_dict()) if args.ema > 0 else {}
+    save_checkpoint(path, eval_model, dg.SPEC_CONFIG, args.target, optimizer=optimizer.state_dict(),
                     scaler=scaler.state_dict(), args=vars(args), epoch=epoch, step=step,
                     best_val_loss=best_val_loss, bad_epochs=bad_epochs, history=history, rng=rng_states,
                     torch_rng=torch.get_rng_state(), dataset=source.describe(),
-                    cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+                    cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None, **extra)
 
 
 # -----------------------------------------------------------------------------
@@ -300,6 +322,8 @@ try:
             scaler.step(optimizer)
             scaler.update()
             step += 1
+            if args.ema > 0:
+                update_ema()
             running += loss.item()
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
             if master and step % 10 == 0:  # per-step curve, thinned
