@@ -288,6 +288,22 @@ def test_kill_9_during_training_then_resume_continues_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ema_checkpoint_holds_the_average_and_the_trained_weights(tmp_path):
+    """--ema: the checkpoint's "model" (what inference loads) is the moving average, "train_model"
+    the weights as trained (what --resume continues); averaging does not change training itself,
+    and a decay of ~0 makes the average the trained weights."""
+    for decay, name in ((0.9, "ema"), (1e-9, "no_decay")):
+        result = run("train.py", *TINY_TRAINING, "--epochs", "1", "--ema", decay, "--checkpoint-dir", tmp_path / name)
+        assert result.returncode == 0, result.stderr
+    ema = torch.load(tmp_path / "ema" / "last.pth", weights_only=False)
+    plain = torch.load(tmp_path / "no_decay" / "last.pth", weights_only=False)
+    assert all(torch.equal(ema["train_model"][k], plain["train_model"][k]) for k in ema["train_model"])
+    assert all(torch.equal(plain["model"][k], plain["train_model"][k]) for k in plain["model"])
+    floats = [k for k, v in ema["model"].items() if v.is_floating_point()]
+    assert sum(not torch.allclose(ema["model"][k], ema["train_model"][k]) for k in floats) > len(floats) // 2
+    load_model(tmp_path / "ema" / "best_model.pth")
+
+
 def test_ctrl_c_stops_cleanly_and_says_where_the_checkpoints_are(tmp_path):
     folder = tmp_path / "ck"
     args = [sys.executable, str(REPO / "train.py"), *TINY_TRAINING, "--steps-per-epoch", "40", "--epochs", "3",
