@@ -14,6 +14,7 @@ same shape.
 `python unet_model.py --export onnx|torchscript CHECKPOINT` writes the network for other runtimes.
 """
 import argparse
+import importlib.util
 import os
 import sys
 import warnings
@@ -172,9 +173,7 @@ def export(model, kind, path, frames=128):
     model = model.eval().cpu()
     example = torch.rand(1, 1, 512, frames)
     if kind == "onnx":
-        try:
-            import onnx  # noqa: F401  torch's exporter needs it; fail before any file is written
-        except ImportError:
+        if importlib.util.find_spec("onnx") is None:  # torch's exporter needs it; fail before writing anything
             raise SystemExit("error: ONNX export needs the onnx package: pip install onnx")
         with warnings.catch_warnings():  # the TorchScript-based exporter is deprecated but needs no onnxscript
             warnings.simplefilter("ignore", DeprecationWarning)
