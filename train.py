@@ -92,6 +92,8 @@ if not args.lr > 0:
     fail(f"--lr must be positive, got {args.lr}")
 if not 0 <= args.dropout < 1:
     fail(f"--dropout must be in [0, 1), got {args.dropout}")
+if not 0 <= args.ema < 1:
+    fail(f"--ema must be in [0, 1) (0: off), got {args.ema}")
 
 # -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK; every process trains on its own remixes, rank 0 alone logs and saves

@@ -213,6 +213,7 @@ def test_bad_checkpoints(problem, message, tmp_path):
 @pytest.mark.parametrize("flags,message", [(["--batch-size", "0"], "--batch-size must be at least 1"),
                                            (["--lr", "-0.001"], "--lr must be positive"),
                                            (["--epochs", "0"], "--epochs must be at least 1"),
+                                           (["--ema", "1"], "--ema must be in [0, 1)"),
                                            (["--musdb-root", "/nonexistent/musdb"], "no such folder")])
 def test_bad_training_flags(flags, message, tmp_path):
     result = run("train.py", "--synthetic" if "--musdb-root" not in flags else "--cpu", *flags,
