@@ -740,21 +740,27 @@ def random_remix(tracks, rng, remix=True, gain=False, channel_swap=True, loop=Fa
     The defaults are train.py's, chosen by measurement (see README, Results).
     """
     if remix:
-        picks = [(tracks[rng.integers(len(tracks))], None) for _ in TARGETS]
-        short = [track for track, _ in picks if track.vocals.shape[1] < PATCH_SAMPLES]
-        if len(short) == 2:  # two short clips share one placement, so they overlap as in a real song
-            start = random_start(min(t.vocals.shape[1] for t in short), rng)
-            picks = [(track, start) for track, _ in picks]
+        picks = [tracks[rng.integers(len(tracks))] for _ in TARGETS]
+        factors = [rng.uniform(*SPEED_RANGE) if speed else 1.0 for _ in TARGETS]
+    else:  # one song as mixed: both sources at the same speed
+        picks = [tracks[rng.integers(len(tracks))]] * len(TARGETS)
+        factors = [rng.uniform(*SPEED_RANGE) if speed else 1.0] * len(TARGETS)
+    # samples to read so that a source fills the patch after its speed change
+    lengths = [int(np.ceil(PATCH_SAMPLES * f)) for f in factors]
+    # duration of each source in the patch, after its speed change
+    spans = [int(np.ceil(t.vocals.shape[1] / f)) for t, f in zip(picks, factors)]
+    if not remix and (spans[0] >= PATCH_SAMPLES or loop):
+        starts = [random_start(picks[0].vocals.shape[1], rng, lengths[0])] * len(TARGETS)
+    elif max(spans) < PATCH_SAMPLES and not loop:
+        # clips shorter than a patch share one position in it, so they overlap as in a real song;
+        # the position is in patch samples, and each source's read offset is scaled by its speed
+        position = int(rng.integers(0, PATCH_SAMPLES - max(spans) + 1))
+        starts = [-int(round(position * f)) for f in factors]
     else:
-        track = tracks[rng.integers(len(tracks))]
-        start = random_start(track.vocals.shape[1], rng)
-        picks = [(track, start), (track, start)]
+        starts = [random_start(t.vocals.shape[1], rng, n) for t, n in zip(picks, lengths)]
     stems = []
-    for name, (track, start) in zip(TARGETS, picks):
-        audio = track.stem(name)
-        factor = rng.uniform(*SPEED_RANGE) if speed else 1.0
-        length = int(np.ceil(PATCH_SAMPLES * factor))  # read enough to fill the patch after the change
-        part = excerpt(audio, random_start(audio.shape[1], rng, length) if start is None else start, length, loop=loop)
+    for name, track, start, factor, length in zip(TARGETS, picks, starts, factors, lengths):
+        part = excerpt(track.stem(name), start, length, loop=loop)
         part = augment_channel(part, rng) if channel_swap else part[0]
         if speed:
             part = change_speed(part[None], factor)[0]

@@ -131,3 +131,21 @@ def test_musdb_loader_on_the_shared_previews(tmp_path, monkeypatch):
     again = dg.load_tracks(source, "valid", 2, tmp_path, progress=False)
     assert np.array_equal(again[0].vocals, tracks[0].vocals)
     assert time.time() - t0 < 5
+
+
+@pytest.mark.parametrize("remix", [True, False])
+def test_short_clips_share_one_position_whatever_their_speeds(remix):
+    """Two clips shorter than a patch land at the same place in it, each whole, after independent
+    speed changes (and a song as mixed keeps its sources in step)."""
+    noise = np.random.default_rng(0).uniform(0.5, 1.0, (2, int(6.8 * dg.SAMPLE_RATE))).astype(np.float32)
+    tracks = [dg.Track(f"clip{i}", noise * (i + 1), noise * (i + 1)) for i in range(4)]
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        vocals, accompaniment = dg.random_remix(tracks, rng, remix=remix, channel_swap=False)
+        onsets = [int(np.flatnonzero(np.abs(x) > 0.05)[0]) for x in (vocals, accompaniment)]
+        ends = [int(np.flatnonzero(np.abs(x) > 0.05)[-1]) for x in (vocals, accompaniment)]
+        assert abs(onsets[0] - onsets[1]) <= 8, onsets
+        for onset, end in zip(onsets, ends):  # whole: 6.8 s at 0.85-1.15 x speed is 5.9-8.0 s
+            assert 5.8 * dg.SAMPLE_RATE < end - onset < 8.1 * dg.SAMPLE_RATE
+        if not remix:
+            assert np.allclose(vocals, accompaniment)
