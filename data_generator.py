@@ -178,11 +178,11 @@ class quiet_stderr:
         return False
 
 
-def resample(audio, rate, new_rate):
-    """Resample (channels, samples) float32 audio with soxr's high-quality filter."""
+def resample(audio, rate, new_rate, quality="HQ"):
+    """Resample (channels, samples) float32 audio with soxr (high quality unless told otherwise)."""
     if rate == new_rate:
         return np.ascontiguousarray(audio, dtype=np.float32)
-    out = soxr.resample(np.ascontiguousarray(audio.T, dtype=np.float32), rate, new_rate, quality="HQ")
+    out = soxr.resample(np.ascontiguousarray(audio.T, dtype=np.float32), rate, new_rate, quality=quality)
     return np.ascontiguousarray(out.T)
 
 
@@ -723,9 +723,8 @@ def excerpt(audio, start, length=PATCH_SAMPLES, loop=False):
 def change_speed(audio, factor, length=PATCH_SAMPLES):
     """Play (channels, n) audio `factor` times faster, as a tape would (pitch and tempo
     together), and cut or pad the result to `length` samples."""
-    out = soxr.resample(np.ascontiguousarray(audio.T), audio.shape[1], length * audio.shape[1] / (length * factor),
-                        quality="LQ").T  # rates only set the ratio; LQ is plenty for augmentation
-    out = out[:, :length]
+    # the rates only set the ratio; LQ is plenty for augmentation
+    out = resample(audio, audio.shape[1], length * audio.shape[1] / (length * factor), quality="LQ")[:, :length]
     return np.ascontiguousarray(np.pad(out, ((0, 0), (0, length - out.shape[1]))), dtype=np.float32)
 
 

@@ -160,7 +160,7 @@ def main():
                         help="accompaniment as mixture minus vocals, or by the complementary mask")
     parser.add_argument("--extension", default="mean", choices=inference.EXTENSIONS,
                         help="mask above 4096 Hz: mean of the 3-4 kHz mask, its top bin, or zero (band-limited)")
-    parser.add_argument("--mask-channels", default="each", choices=["each", "mid"],
+    parser.add_argument("--mask-channels", default="each", choices=inference.MASK_CHANNELS,
                         help="a mask per channel, or one from the channels' mean")
     args = parser.parse_args()
 
