@@ -123,15 +123,19 @@ def bench_inference(args, workdir, checkpoint, results):
     separate = [sys.executable, "inference.py", "--audio", str(song), "--checkpoint", str(checkpoint),
                 "--output-dir", str(out)] + (["--cpu"] if args.cpu else [])
     floor = [sys.executable, "-c", FLOOR, str(song), str(out)]
-    timings = {"floor": [], "separate": []}
-    for _ in range(args.repeats):  # interleaved, so that drifts in machine load hit both alike
+    one_pass = separate + ["--shifts", "1"]
+    timings = {"floor": [], "separate": [], "one_pass": []}
+    for _ in range(args.repeats):  # interleaved, so that drifts in machine load hit all alike
         timings["floor"].append(run_timed(floor)[0])
         timings["separate"].append(run_timed(separate)[0])
-    floor_s, separate_s = statistics.median(timings["floor"]), statistics.median(timings["separate"])
+        timings["one_pass"].append(run_timed(one_pass)[0])
+    floor_s, separate_s, one_pass_s = (statistics.median(timings[k]) for k in ("floor", "separate", "one_pass"))
     results.append(("inference", f"floor: start Python, import torch, read, write 2 stems ({args.seconds:.0f} s song)",
                     f"{floor_s:.2f} s", f"{args.seconds / floor_s:.0f}x real time"))
-    results.append(("inference", "U-Net separation end to end (inference.py)", f"{separate_s:.2f} s",
+    results.append(("inference", "U-Net separation end to end (inference.py, default --shifts 2)", f"{separate_s:.2f} s",
                     f"{args.seconds / separate_s:.0f}x real time, {separate_s / floor_s:.2f}x the floor"))
+    results.append(("inference", "the same with --shifts 1 (one pass)", f"{one_pass_s:.2f} s",
+                    f"{args.seconds / one_pass_s:.0f}x real time, {one_pass_s / floor_s:.2f}x the floor"))
     copies = [workdir / f"copy{i}.wav" for i in range(3)]
     for copy in copies:
         copy.write_bytes(song.read_bytes())

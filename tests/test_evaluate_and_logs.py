@@ -7,6 +7,7 @@ import numpy as np
 import soundfile as sf
 
 import data_generator as dg
+import evaluate
 from conftest import MUSDB7, REPO, needs_ffmpeg, needs_shared
 
 
@@ -47,6 +48,22 @@ def test_evaluate_on_a_folder_of_tracks(tmp_path):
     assert summary["irm"]["vocals"]["SDR"] > summary["mix"]["vocals"]["SDR"] + 5
 
 
+def test_target_sdr_is_bss_evals_sdr_of_that_stem():
+    """What train.py validates with: scoring the vocals alone gives exactly the SDR that BSSEval v4
+    gives them beside the accompaniment, and less leaked accompaniment scores higher."""
+    track = dg.synthetic_track("valid", 0, seconds=6)
+    references = {"vocals": track.vocals, "accompaniment": track.accompaniment}
+    sdrs = []
+    for leak in (0.5, 0.1):
+        vocals = track.vocals + leak * track.accompaniment
+        estimates = {"vocals": vocals, "accompaniment": track.mixture - vocals}
+        both = evaluate.frame_median(evaluate.bss_eval(references, estimates, dg.SAMPLE_RATE)["vocals"]["SDR"])
+        alone = evaluate.target_sdr(track.vocals, vocals, dg.SAMPLE_RATE)
+        assert abs(alone - both) < 1e-6
+        sdrs.append(alone)
+    assert np.isfinite(sdrs[0]) and sdrs[1] > sdrs[0] + 5
+
+
 def test_tensorboard_gets_scalars_pictures_and_audio(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     folder = tmp_path / "ck"
@@ -57,13 +74,14 @@ def test_tensorboard_gets_scalars_pictures_and_audio(tmp_path):
     events = EventAccumulator(str(folder / "logs"), size_guidance={"images": 0, "audio": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
-    for scalar in ("train/loss", "val/loss", "val/mask_mean", "val/mask_std", "train/lr", "train/loss_step"):
+    for scalar in ("train/loss", "val/loss", "val/sdr", "val/mask_mean", "val/mask_std", "train/lr", "train/loss_step"):
         assert scalar in tags["scalars"], scalar
     assert [e.step for e in events.Scalars("val/loss")] == [0, 1, 2]
+    assert all(np.isfinite(e.value) for e in events.Scalars("val/sdr"))
     assert {"separation/0", "separation/1"} <= set(tags["images"])
     assert [e.step for e in events.Images("separation/0")] == [0, 1, 2]
     assert {"separation/0_vocals", "separation/0_mixture"} <= set(tags["audio"])
     audio = events.Audio("separation/0_vocals")[-1]
     assert audio.sample_rate == dg.SAMPLE_RATE and audio.length_frames == 10 * dg.SAMPLE_RATE
     # the printed epoch lines carry the loss and the predicted mask's spread
-    assert "val loss" in result.stdout and "mask mean" in result.stdout and "std" in result.stdout
+    assert "val loss" in result.stdout and "val SDR" in result.stdout and "mask mean" in result.stdout and "std" in result.stdout

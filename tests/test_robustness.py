@@ -222,6 +222,19 @@ def test_bad_training_flags(flags, message, tmp_path):
     assert not (tmp_path / "ck").exists()
 
 
+@pytest.mark.parametrize("script,flags,message", [
+    ("inference.py", ["--shifts", "0"], "--shifts must be at least 1"),
+    ("inference.py", ["--overlap", "1"], "--overlap must be in [0, 1)"),
+    ("inference.py", ["--batch-size", "0"], "--batch-size must be at least 1"),
+    ("evaluate.py", ["--shifts", "0", "--folder", "."], "--shifts must be at least 1")])
+def test_bad_separation_flags(script, flags, message, tmp_path, tiny_checkpoint):
+    song = tmp_path / "song.wav"
+    sf.write(str(song), tone(1, 8000), 8000)
+    result = run(script, *flags, "--checkpoint", tiny_checkpoint, *(["--audio", song] if script == "inference.py" else []))
+    assert_one_line_error(result, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["song.wav", "tiny.pth"]
+
+
 def make_wav_dataset(root, names, seconds=3.0, rate=22050):
     """A tiny MUSDB18-HQ layout: train/<name>/{mixture,drums,bass,other,vocals}.wav."""
     for i, name in enumerate(names):
@@ -303,6 +316,23 @@ def test_ema_checkpoint_holds_the_average_and_the_trained_weights(tmp_path):
     floats = [k for k, v in ema["model"].items() if v.is_floating_point()]
     assert sum(not torch.allclose(ema["model"][k], ema["train_model"][k]) for k in floats) > len(floats) // 2
     load_model(tmp_path / "ema" / "best_model.pth")
+
+
+@pytest.mark.parametrize("select", ["sdr", "loss"])
+def test_best_model_is_the_epoch_with_the_best_validation_score(select, tmp_path):
+    """--select sdr (the default) keeps the epoch whose separated validation vocals score the
+    highest SDR; --select loss the one with the lowest validation loss. Every epoch logs both."""
+    flags = ["--epochs", "4", "--patience", "0", "--checkpoint-dir", tmp_path]
+    result = run("train.py", *TINY_TRAINING, *flags, *(["--select", "loss"] if select == "loss" else []))
+    assert result.returncode == 0, result.stderr
+    history = torch.load(tmp_path / "last.pth", weights_only=False)["history"]
+    sdrs, losses = [h["val_sdr"] for h in history], [h["val_loss"] for h in history]
+    assert len(history) == 4 and all(np.isfinite(sdrs)) and all(len(h["val_sdr_songs"]) == dg.SYNTHETIC_SPLIT_SIZES["valid"] for h in history)
+    assert all(h["val_sdr"] == np.median(h["val_sdr_songs"]) for h in history)
+    best = torch.load(tmp_path / "best_model.pth", weights_only=False)
+    expected = 1 + (int(np.argmax(sdrs)) if select == "sdr" else int(np.argmin(losses)))
+    assert best["epoch"] == expected
+    assert best["best_val_sdr"] == sdrs[expected - 1] and best["best_val_loss"] == losses[expected - 1]
 
 
 def test_ctrl_c_stops_cleanly_and_says_where_the_checkpoints_are(tmp_path):

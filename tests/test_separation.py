@@ -32,13 +32,14 @@ def test_a_mask_of_ones_gives_back_the_input(rate, channels, seconds):
     assert np.abs(accompaniment).max() < 1e-5
 
 
-def test_streaming_in_small_blocks_equals_one_block(tiny_checkpoint):
+@pytest.mark.parametrize("shifts", [1, 2])
+def test_streaming_in_small_blocks_equals_one_block(tiny_checkpoint, shifts):
     model, _ = load_model(tiny_checkpoint)
     mask_fn = inference.model_mask_fn(model, torch.device("cpu"), batch_size=4, amp=False)
     rate = 44100
     audio = noise(2, 61.3, rate, seed=1)
-    whole = inference.separate(audio, rate, mask_fn, batch_size=4)
-    separator = inference.StreamingSeparator(rate, 2, mask_fn, batch_size=4)
+    whole = inference.separate(audio, rate, mask_fn, batch_size=4, shifts=shifts)
+    separator = inference.make_separator(rate, 2, mask_fn, batch_size=4, shifts=shifts)
     parts = [separator.process(audio[:, i:i + 12345]) for i in range(0, audio.shape[1], 12345)]
     parts.append(separator.finish())
     for k in range(2):
@@ -78,9 +79,27 @@ def test_streaming_engine_matches_a_plain_whole_array_implementation(tiny_checkp
     model, _ = load_model(tiny_checkpoint)
     mask_fn = inference.model_mask_fn(model, torch.device("cpu"), amp=False)
     audio = noise(2, seconds, rate, seed=2)
-    vocals, accompaniment = inference.separate(audio, rate, mask_fn)
+    vocals, accompaniment = inference.separate(audio, rate, mask_fn, shifts=1)
     expected = reference_separation(audio, rate, mask_fn)
     assert np.abs(vocals - expected).max() < 1e-4 * np.abs(audio).max()
+    assert np.allclose(vocals + accompaniment, audio, atol=1e-6)
+
+
+def test_shifts_average_the_separations_of_delayed_copies(tiny_checkpoint):
+    """shifts=N is the mean of N separations of the input delayed by k/N of the network's hop
+    (768 samples at 8192 Hz: 2067 at 44.1 kHz for N = 2), each realigned to the input."""
+    assert inference.shift_delays(44100, 2) == [0, 2067]
+    assert inference.shift_delays(dg.SAMPLE_RATE, 4) == [0, 192, 384, 576]
+    model, _ = load_model(tiny_checkpoint)
+    mask_fn = inference.model_mask_fn(model, torch.device("cpu"), amp=False)
+    rate = 22050
+    audio = noise(2, 9.7, rate, seed=6)
+    vocals, accompaniment = inference.separate(audio, rate, mask_fn, shifts=3)
+    copies = [inference.separate(inference.delayed(audio, d), rate, mask_fn, shifts=1)[0][:, d:]
+              for d in inference.shift_delays(rate, 3)]
+    assert vocals.shape == audio.shape
+    assert np.abs(vocals - np.mean(copies, axis=0)).max() < 1e-6
+    assert np.abs(copies[0] - copies[1]).max() > 1e-3  # the copies do differ: their frames fall elsewhere
     assert np.allclose(vocals + accompaniment, audio, atol=1e-6)
 
 
