@@ -15,6 +15,7 @@ import copy
 import math
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -341,6 +342,21 @@ if not args.resume:
         writer.add_scalar("val/sdr", val["val_sdr"], 0)
         log_separations(0)
 started = time.time()
+interrupted = False
+
+
+def on_ctrl_c(signum, frame):
+    """First Ctrl-C: stop after the current step. Raising KeyboardInterrupt at whatever bytecode
+    the signal lands on can hit a __del__, where Python prints and swallows it and training goes
+    on; a second Ctrl-C still stops at once."""
+    global interrupted
+    if interrupted:
+        raise KeyboardInterrupt
+    interrupted = True
+
+
+if not ddp:  # under torchrun every rank gets the signal and must not stop at different steps
+    signal.signal(signal.SIGINT, on_ctrl_c)
 epoch = start_epoch
 rng_states = [rng.bit_generator.state]
 try:
@@ -362,6 +378,8 @@ try:
             scaler.step(optimizer)
             scaler.update()
             step += 1
+            if interrupted:
+                raise KeyboardInterrupt
             if args.ema > 0:
                 update_ema()
             running += loss.item()
@@ -370,6 +388,8 @@ try:
                 writer.add_scalar("train/loss_step", loss.item(), step)
         train_loss = running / args.steps_per_epoch
         val = validate()
+        if interrupted:  # came during validation: this epoch's figures are incomplete, keep the last checkpoint
+            raise KeyboardInterrupt
         if args.select == "sdr":  # the first epoch always counts: its SDR is nan when no song has the target
             improved = val["val_sdr"] > best_val_sdr or best_val_sdr == float("-inf")
         else:
