@@ -327,7 +327,8 @@ def test_best_model_is_the_epoch_with_the_best_validation_score(select, tmp_path
     assert result.returncode == 0, result.stderr
     history = torch.load(tmp_path / "last.pth", weights_only=False)["history"]
     sdrs, losses = [h["val_sdr"] for h in history], [h["val_loss"] for h in history]
-    assert len(history) == 4 and all(np.isfinite(sdrs)) and all(len(h["val_sdr_songs"]) == dg.SYNTHETIC_SPLIT_SIZES["valid"] for h in history)
+    assert len(history) == 4 and all(np.isfinite(sdrs))
+    assert all(len(h["val_sdr_songs"]) == dg.SYNTHETIC_SPLIT_SIZES["valid"] for h in history)
     assert all(h["val_sdr"] == np.median(h["val_sdr_songs"]) for h in history)
     best = torch.load(tmp_path / "best_model.pth", weights_only=False)
     expected = 1 + (int(np.argmax(sdrs)) if select == "sdr" else int(np.argmin(losses)))
