@@ -658,7 +658,7 @@ def main():
     parser.add_argument("--overlap", type=float, default=0.5, help="overlap of neighbouring 128-frame patches")
     parser.add_argument("--batch-size", type=int, default=16, help="patches per network call")
     parser.add_argument("--shifts", type=int, default=DEFAULT_SHIFTS, help="average this many separations whose "
-                        "frames fall 1/shifts of a hop apart (1: one pass, half the time; 4: no better than 2)")
+                        "frames fall 1/shifts of a hop apart (1: one pass, about 2/3 of the time; 4: no better than 2)")
     parser.add_argument("--wiener", action="store_true", help="refine the masks with a multichannel "
                         "Wiener filter (uses the stereo image)")
     parser.add_argument("--accompaniment", default="residual", choices=["residual", "complement"],

@@ -388,8 +388,6 @@ try:
                 writer.add_scalar("train/loss_step", loss.item(), step)
         train_loss = running / args.steps_per_epoch
         val = validate()
-        if interrupted:  # came during validation: this epoch's figures are incomplete, keep the last checkpoint
-            raise KeyboardInterrupt
         if args.select == "sdr":  # the first epoch always counts: its SDR is nan when no song has the target
             improved = val["val_sdr"] > best_val_sdr or best_val_sdr == float("-inf")
         else:
@@ -418,6 +416,8 @@ try:
         log(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, val loss {val['val_loss']:.4f}, "
             f"val SDR {val['val_sdr']:.2f} dB{' (best)' if improved else ''}, mask mean {val['mask_mean']:.3f} "
             f"std {val['mask_std']:.3f}, lr {lr:.1e}, {time.time() - t0:.0f} s")
+        if interrupted:  # Ctrl-C during validation: this epoch is complete and saved, stop here
+            raise KeyboardInterrupt
         if args.patience and bad_epochs >= args.patience:
             log(f"early stop: no better validation {args.select} for {bad_epochs} epochs")
             break
