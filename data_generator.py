@@ -728,26 +728,73 @@ def change_speed(audio, factor, length=PATCH_SAMPLES):
     return np.ascontiguousarray(np.pad(out, ((0, 0), (0, length - out.shape[1]))), dtype=np.float32)
 
 
-def random_remix(tracks, rng, remix=True, gain=False, channel_swap=True, loop=False, speed=True):
+SHORT_TRACKS = ("fill", "pad", "loop")
+
+
+def draw_sources(tracks, rng, remix=True, speed=True):
+    """The tracks and speed factors of one remix: ([vocals track, accompaniment track],
+    [factor, factor]). remix: independent tracks and speeds; otherwise one song as mixed, both
+    sources at one speed so that they stay in step."""
+    if remix:
+        return ([tracks[rng.integers(len(tracks))] for _ in TARGETS],
+                [rng.uniform(*SPEED_RANGE) if speed else 1.0 for _ in TARGETS])
+    return [tracks[rng.integers(len(tracks))]] * len(TARGETS), [rng.uniform(*SPEED_RANGE) if speed else 1.0] * len(TARGETS)
+
+
+def clip_at_speed(audio, factor, rng, room, channel_swap=True):
+    """One source of a filled patch, played `factor` times as fast, from a random channel (else
+    the left one), and no longer than the `room` samples left in the patch: a short track from
+    its beginning (whole if it fits), a track longer than a patch from a random offset. Only
+    what fits is resampled. audio: (channels, samples) -> (n,) float32, n <= room."""
+    total = audio.shape[1]
+    start = random_start(total, rng, math.ceil(PATCH_SAMPLES * factor)) if total / factor > PATCH_SAMPLES else 0
+    length = min(total - start, math.ceil(room * factor))
+    part = np.asarray(audio[:, start:start + length], dtype=np.float32)
+    part = augment_channel(part, rng) if channel_swap else part[0]
+    if factor != 1.0:  # as change_speed, but keeping the length the resampler gives: no padding
+        part = resample(part[None], length, length / factor, quality="LQ")[0]
+    return np.ascontiguousarray(part[:room], dtype=np.float32)
+
+
+def filled_remix(tracks, rng, remix=True, gain=False, channel_swap=True, speed=True):
+    """One example built from short clips laid end to end, so that the patch holds music
+    throughout instead of one 7 s clip in 12 s of silence. Each segment is a remix: vocals and
+    accompaniment clips from their own tracks, at their own speeds, starting together; the next
+    segment begins where the longer of the two ends, and the last is cut at the patch's end.
+    Returns (vocals, accompaniment), each (PATCH_SAMPLES,) float32."""
+    out = np.zeros((len(TARGETS), PATCH_SAMPLES), dtype=np.float32)
+    position = 0
+    while position < PATCH_SAMPLES:
+        picks, factors = draw_sources(tracks, rng, remix, speed)
+        clips = [clip_at_speed(track.stem(name), factor, rng, PATCH_SAMPLES - position, channel_swap)
+                 for name, track, factor in zip(TARGETS, picks, factors)]
+        for row, clip in zip(out, clips):
+            row[position:position + len(clip)] = augment_gain(clip, rng) if gain else clip
+        position += max(len(clip) for clip in clips)
+    return out[0], out[1]
+
+
+def random_remix(tracks, rng, remix=True, gain=False, channel_swap=True, short_tracks="fill", speed=True):
     """One mono training example of PATCH_SAMPLES samples: (vocals, accompaniment) float32.
 
     remix: vocals and accompaniment from independently drawn tracks and offsets, so examples
     are not limited to the songs as mixed; otherwise one excerpt of one song. gain: each source
     scaled at random. channel_swap: each source from a random channel, else the left one.
-    loop: tracks shorter than a patch are repeated to fill it rather than padded with silence.
+    short_tracks: what fills a patch when the drawn tracks are shorter than it: "fill" lays
+    further remixes after them (filled_remix), "pad" leaves silence, "loop" repeats each track.
     speed: each source played 0.85-1.15 times as fast (about +-2.5 semitones and tempo).
     The defaults are train.py's, chosen by measurement (see README, Results).
     """
-    if remix:
-        picks = [tracks[rng.integers(len(tracks))] for _ in TARGETS]
-        factors = [rng.uniform(*SPEED_RANGE) if speed else 1.0 for _ in TARGETS]
-    else:  # one song as mixed: both sources at the same speed
-        picks = [tracks[rng.integers(len(tracks))]] * len(TARGETS)
-        factors = [rng.uniform(*SPEED_RANGE) if speed else 1.0] * len(TARGETS)
+    if short_tracks not in SHORT_TRACKS:
+        raise ValueError(f"short_tracks must be one of {SHORT_TRACKS}, got {short_tracks!r}")
+    loop = short_tracks == "loop"
+    picks, factors = draw_sources(tracks, rng, remix, speed)
     # samples to read so that a source fills the patch after its speed change
     lengths = [int(np.ceil(PATCH_SAMPLES * f)) for f in factors]
     # duration of each source in the patch, after its speed change
     spans = [int(np.ceil(t.vocals.shape[1] / f)) for t, f in zip(picks, factors)]
+    if short_tracks == "fill" and max(spans) < PATCH_SAMPLES:
+        return filled_remix(tracks, rng, remix, gain, channel_swap, speed)
     if not remix and (spans[0] >= PATCH_SAMPLES or loop):
         starts = [random_start(picks[0].vocals.shape[1], rng, lengths[0])] * len(TARGETS)
     elif max(spans) < PATCH_SAMPLES and not loop:

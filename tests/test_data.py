@@ -135,13 +135,13 @@ def test_musdb_loader_on_the_shared_previews(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("remix", [True, False])
 def test_short_clips_share_one_position_whatever_their_speeds(remix):
-    """Two clips shorter than a patch land at the same place in it, each whole, after independent
-    speed changes (and a song as mixed keeps its sources in step)."""
+    """With --short-tracks pad, two clips shorter than a patch land at the same place in it, each
+    whole, after independent speed changes (and a song as mixed keeps its sources in step)."""
     noise = np.random.default_rng(0).uniform(0.5, 1.0, (2, int(6.8 * dg.SAMPLE_RATE))).astype(np.float32)
     tracks = [dg.Track(f"clip{i}", noise * (i + 1), noise * (i + 1)) for i in range(4)]
     rng = np.random.default_rng(1)
     for _ in range(20):
-        vocals, accompaniment = dg.random_remix(tracks, rng, remix=remix, channel_swap=False)
+        vocals, accompaniment = dg.random_remix(tracks, rng, remix=remix, channel_swap=False, short_tracks="pad")
         onsets = [int(np.flatnonzero(np.abs(x) > 0.05)[0]) for x in (vocals, accompaniment)]
         ends = [int(np.flatnonzero(np.abs(x) > 0.05)[-1]) for x in (vocals, accompaniment)]
         assert abs(onsets[0] - onsets[1]) <= 8, onsets
@@ -149,3 +149,83 @@ def test_short_clips_share_one_position_whatever_their_speeds(remix):
             assert 5.8 * dg.SAMPLE_RATE < end - onset < 8.1 * dg.SAMPLE_RATE
         if not remix:
             assert np.allclose(vocals, accompaniment)
+
+
+def constant_clips(seconds):
+    """Short tracks that tell themselves apart: track i is level 0.1 (i + 1) in vocals and minus
+    that in accompaniment, plus a slow ramp of 0.03 over the clip so that a clip following
+    another of the same track shows where it starts; seconds[i] long."""
+    levels = [0.1 * (i + 1) for i in range(len(seconds))]
+    tracks = []
+    for i, (s, level) in enumerate(zip(seconds, levels)):
+        clip = (level + 0.03 * np.linspace(0, 1, int(s * dg.SAMPLE_RATE), dtype=np.float32))[None].repeat(2, 0)
+        tracks.append(dg.Track(f"clip{i}", clip, -clip))
+    return levels, tracks
+
+
+def segment_bounds(x, levels):
+    """(track index, first sample, last sample) of each clip in a signal made of constant_clips:
+    clips begin wherever the signal jumps, and runs under 100 samples (the few samples a
+    resampler rings at each edge) are dropped."""
+    x = np.abs(x)
+    cuts = np.concatenate([[0], np.flatnonzero(np.abs(np.diff(x)) > 0.015) + 1, [len(x)]])
+    runs = []
+    for start, end in zip(cuts[:-1], cuts[1:]):
+        if end - start > 100 and x[start:end].mean() > 0.05:
+            track = int(np.abs(np.median(x[start:start + 50]) - np.asarray(levels)).argmin())
+            runs.append((track, int(start), int(end - 1)))
+    return runs
+
+
+@pytest.mark.parametrize("remix", [True, False])
+def test_filled_patches_hold_whole_remixes_end_to_end(remix):
+    """--short-tracks fill (the default): clips shorter than a patch are laid end to end, so the
+    mixture never falls silent. In each segment vocals and accompaniment start together, every
+    clip but those the patch's end cuts is whole, and the next segment starts where the longer
+    clip of the two ends (speed changes off, so that lengths are exact)."""
+    seconds = [4.5, 5.0, 5.5, 6.0, 6.5, 7.0]
+    levels, tracks = constant_clips(seconds)
+    rng = np.random.default_rng(2)
+    for _ in range(10):
+        vocals, accompaniment = dg.random_remix(tracks, rng, remix=remix, channel_swap=False, speed=False)
+        assert vocals.shape == accompaniment.shape == (dg.PATCH_SAMPLES,)
+        assert (np.abs(vocals) + np.abs(accompaniment) > 0).all()  # music throughout, no padding
+        v_runs, a_runs = segment_bounds(vocals, levels), segment_bounds(accompaniment, levels)
+        assert 2 <= len(v_runs) == len(a_runs) <= 3  # 12 s holds two or three segments of 4.5-7 s
+        for k, ((vi, v0, v1), (ai, a0, a1)) in enumerate(zip(v_runs, a_runs)):
+            assert v0 == a0  # start together
+            if k + 1 < len(v_runs):
+                assert v1 - v0 + 1 == len(tracks[vi].vocals[0]) and a1 - a0 + 1 == len(tracks[ai].vocals[0])
+                assert v_runs[k + 1][1] == max(v1, a1) + 1
+            if not remix:
+                assert vi == ai  # one song as mixed
+        if not remix:
+            assert np.allclose(vocals, -accompaniment)
+
+
+def test_filled_patches_with_speed_changes_have_no_gaps():
+    """With random speeds (0.85-1.15 x), each source is resampled on its own: segments still
+    start together, every whole clip of 6.8 s lasts 5.9-8.0 s, and nothing is silent."""
+    levels, tracks = constant_clips([6.8] * 6)
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        vocals, accompaniment = dg.random_remix(tracks, rng, channel_swap=False)
+        assert (np.abs(vocals) + np.abs(accompaniment) > 0).all()
+        v_runs, a_runs = segment_bounds(vocals, levels), segment_bounds(accompaniment, levels)
+        assert 2 <= len(v_runs) == len(a_runs) <= 3
+        for (_, v0, v1), (_, a0, a1) in list(zip(v_runs, a_runs))[:-1]:
+            assert abs(v0 - a0) <= 16
+            for start, end in ((v0, v1), (a0, a1)):
+                assert 5.8 * dg.SAMPLE_RATE < end - start < 8.1 * dg.SAMPLE_RATE
+
+
+def test_filled_patches_from_long_tracks_are_plain_excerpts():
+    """Tracks longer than a patch never trigger filling: an example is one excerpt per source."""
+    tracks = [dg.synthetic_track("train", i, seconds=13) for i in range(2)]
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        a = dg.random_remix(tracks, np.random.default_rng(3), short_tracks="fill")
+        b = dg.random_remix(tracks, np.random.default_rng(3), short_tracks="pad")
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="short_tracks"):
+        dg.random_remix(tracks, rng, short_tracks="stretch")

@@ -1,4 +1,5 @@
 """Bad input gets one clear line and a non-zero exit, and nothing is lost; unusual input works."""
+import re
 import signal
 import subprocess
 import sys
@@ -214,6 +215,8 @@ def test_bad_checkpoints(problem, message, tmp_path):
                                            (["--lr", "-0.001"], "--lr must be positive"),
                                            (["--epochs", "0"], "--epochs must be at least 1"),
                                            (["--ema", "1"], "--ema must be in [0, 1)"),
+                                           (["--time-budget", "0"], "--time-budget must be positive"),
+                                           (["--time-budget", "0.0001"], "loading the data alone took"),
                                            (["--musdb-root", "/nonexistent/musdb"], "no such folder")])
 def test_bad_training_flags(flags, message, tmp_path):
     result = run("train.py", "--synthetic" if "--musdb-root" not in flags else "--cpu", *flags,
@@ -299,6 +302,26 @@ def test_kill_9_during_training_then_resume_continues_exactly(tmp_path):
     final = torch.load(folder / "last.pth", weights_only=False)
     assert final["epoch"] == 2 and [h["epoch"] for h in final["history"]] == [1, 2]
     a, b = weights(straight / "last.pth"), final["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_time_budget_plans_the_run_and_the_plan_reproduces_exactly(tmp_path):
+    """Without --steps-per-epoch, train.py times a training step and a validation here and runs
+    as many steps per epoch as fit in --time-budget. The plan is printed and stored, and a run
+    given the same steps per epoch ends with exactly the same weights: the timing uses
+    throwaway copies of the model and the data stream, so it only picks the number."""
+    tiny = [f for f in TINY_TRAINING if f not in ("--steps-per-epoch", "3")]
+    planned = run("train.py", *tiny, "--epochs", "2", "--time-budget", "0.5", "--checkpoint-dir", tmp_path / "budget")
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    match = re.search(r"time budget 0.5 min: .* -> 2 epochs x (\d+) steps .*--steps-per-epoch (\d+)\)", planned.stdout)
+    assert match, planned.stdout
+    steps = int(match[1])
+    assert steps == int(match[2]) >= 10
+    budgeted = torch.load(tmp_path / "budget" / "last.pth", weights_only=False)
+    assert budgeted["args"]["steps_per_epoch"] == steps and budgeted["step"] == 2 * steps
+    fixed = run("train.py", *tiny, "--epochs", "2", "--steps-per-epoch", steps, "--checkpoint-dir", tmp_path / "fixed")
+    assert fixed.returncode == 0 and "time budget" not in fixed.stdout
+    a, b = budgeted["model"], weights(tmp_path / "fixed" / "last.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
