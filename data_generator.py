@@ -36,7 +36,7 @@ HOP_LENGTH = 768  # samples between frames
 N_BINS = N_FFT // 2  # 512: the Nyquist bin is dropped so the U-Net halves it cleanly 6 times
 PATCH_FRAMES = 128  # frames per network input (about 12 s)
 PATCH_SAMPLES = (PATCH_FRAMES - 1) * HOP_LENGTH + N_FFT  # samples that make one patch: 98560
-NORMALISATION = "patch_mean"  # magnitudes divided by the mixture patch's mean magnitude
+NORMALISATION = "sounding_frames_mean"  # magnitudes divided by the mixture patch's mean over frames with sound
 EPS = 1e-8
 
 SPEC_CONFIG = dict(sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH, n_bins=N_BINS,
@@ -287,14 +287,19 @@ def from_patches(patches, hop, frames):
 
 
 def normalise(mixture_mag, *others):
-    """Divide magnitudes by the mean magnitude of each mixture patch.
+    """Divide magnitudes by the mean magnitude of each mixture patch over its frames that hold
+    any sound.
 
     The mask the U-Net predicts should not depend on how loud the song is, so every patch is
-    brought to the same level (mean 1); targets share the mixture's scale so that the
-    L1,1 loss compares like with like. Digital silence stays zero.
-    mixture_mag: (..., 512, 128); others: same shape. Returns the scaled tensors as a tuple.
+    brought to the same level: mean 1 over the frames with sound. Frames of digital silence do
+    not count, so that music keeps one level whether it fills the patch or shares it with the
+    zeros that pad a song's last patch or a 7 s clip (counting them lifted a padded clip 1.75
+    times above the level the network trained at, which cost 0.6 dB; README, results).
+    Targets share the mixture's scale so that the L1,1 loss compares like with like; silence
+    stays zero. mixture_mag: (..., 512, 128); others: same shape. Returns the scaled tensors.
     """
-    scale = mixture_mag.mean(dim=(-2, -1), keepdim=True) + EPS
+    sounding = (mixture_mag.amax(dim=-2, keepdim=True) > 0).sum(dim=-1, keepdim=True).clamp(min=1)
+    scale = mixture_mag.sum(dim=(-2, -1), keepdim=True) / (mixture_mag.shape[-2] * sounding) + EPS
     return tuple(m / scale for m in (mixture_mag,) + others)
 
 
@@ -408,19 +413,21 @@ def download_previews(root):
 
 def musdb_tracks(source, subset="train", split=None):
     """The musdb Track objects of a MUSDB18 folder; split is 'train', 'valid' or None (all)."""
+    require_ffmpeg("by musdb even for WAV stems" if source.is_wav else "to decode MUSDB18's .stem.mp4 files")
     import musdb
-    if not source.is_wav:
-        require_ffmpeg()
     kwargs = dict(root=str(source.root), subsets=subset, is_wav=source.is_wav)
     if split is not None and subset == "train":
         kwargs["split"] = split
     return list(musdb.DB(**kwargs))
 
 
-def require_ffmpeg():
+def require_ffmpeg(why):
+    """musdb imports stempeg, which raises at import unless both ffmpeg and ffprobe are on PATH
+    (also for WAV stems, and museval imports musdb): fail with one clear line instead."""
     import shutil
-    if shutil.which("ffmpeg") is None:
-        raise DataError("ffmpeg not found: it is needed to decode MUSDB18's .stem.mp4 files "
+    missing = [p for p in ("ffmpeg", "ffprobe") if shutil.which(p) is None]
+    if missing:
+        raise DataError(f"{' and '.join(missing)} not found, needed {why} "
                         "(Debian/Ubuntu: sudo apt-get install ffmpeg; macOS: brew install ffmpeg)")
 
 

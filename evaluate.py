@@ -80,9 +80,16 @@ def estimate(method, mixture, references, rate, mask_fn, options):
     return {"vocals": vocals, "accompaniment": accompaniment}
 
 
+def import_museval():
+    """museval, or a DataError naming what is missing (it needs ffmpeg through musdb)."""
+    dg.require_ffmpeg("by museval, which scores separations (it imports musdb)")
+    import museval
+    return museval
+
+
 def bss_eval(references, estimates, rate):
     """museval's BSSEval v4 with 1 s windows and hops. Returns {stem: {metric: [per-frame]}}."""
-    import museval
+    museval = import_museval()
     stems = ("vocals", "accompaniment")
     ref = np.stack([references[s].T for s in stems]).astype(np.float64)  # (sources, samples, channels)
     est = np.stack([estimates[s].T for s in stems]).astype(np.float64)
@@ -96,7 +103,7 @@ def target_sdr(reference, estimate, rate):
     samples). v4's SDR depends only on the projection onto the stem's own reference, so scoring
     the stem alone gives the SDR bss_eval gives it among all stems, about five times faster
     (what train.py validates with after every epoch)."""
-    import museval
+    museval = import_museval()
     sdr, _, _, _ = museval.evaluate(np.asarray(reference, np.float64).T[None], np.asarray(estimate, np.float64).T[None],
                                     win=rate, hop=rate, mode="v4")
     return frame_median(sdr[0])
@@ -104,7 +111,7 @@ def target_sdr(reference, estimate, rate):
 
 def save_track_json(scores, name, path):
     """museval's own per-track JSON format."""
-    import museval
+    museval = import_museval()
     store = museval.TrackStore(win=1.0, hop=1.0, track_name=name)
     for stem, values in scores.items():
         store.add_target(target_name=stem, values=values)
@@ -177,6 +184,8 @@ def main():
                         help="mask above 4096 Hz: mean of the 3-4 kHz mask, its top bin, or zero (band-limited)")
     parser.add_argument("--mask-channels", default="each", choices=inference.MASK_CHANNELS,
                         help="a mask per channel, or one from the channels' mean")
+    parser.add_argument("--mask-exponent", type=float, default=None, help="raise the model's masks to this power "
+                        "(default: the exponent stored in the checkpoint, as inference.py)")
     args = parser.parse_args()
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -185,19 +194,23 @@ def main():
         sys.exit(f"error: --methods takes {', '.join(METHODS)}; got {args.methods!r}")
     if args.shifts < 1:
         sys.exit(f"error: --shifts must be at least 1, got {args.shifts}")
+    if args.mask_exponent is not None and not args.mask_exponent > 0:
+        sys.exit(f"error: --mask-exponent must be positive, got {args.mask_exponent}")
     if (args.musdb_root is None) == (args.folder is None):
         sys.exit("error: give exactly one of --musdb-root or --folder")
     try:
+        import_museval()  # before anything is separated
         mask_fn = None
         options = dict(overlap=args.overlap, shifts=args.shifts, wiener=args.wiener,
                        accompaniment=args.accompaniment, extension=args.extension, mask_channels=args.mask_channels)
         if "model" in methods:
             device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
             model, checkpoint = load_model(args.checkpoint, device, expected_spec=dg.SPEC_CONFIG)
-            mask_fn = inference.model_mask_fn(model, device, amp=not args.no_amp)
+            exponent = inference.checkpoint_mask_exponent(checkpoint, args.mask_exponent)
+            mask_fn = inference.model_mask_fn(model, device, amp=not args.no_amp, exponent=exponent)
             options["target"] = checkpoint.get("target", "vocals")
             print(f"model: {args.checkpoint} (n_channels={checkpoint['model_config']['n_channels']}, "
-                  f"target={options['target']}, epoch {checkpoint.get('epoch', '?')})")
+                  f"target={options['target']}, epoch {checkpoint.get('epoch', '?')}, mask exponent {exponent:g})")
         tracks = (folder_eval_tracks(args.folder, args.tracks) if args.folder
                   else musdb_eval_tracks(args.musdb_root, args.subset, args.split, args.tracks))
         started = time.time()

@@ -79,9 +79,11 @@ def frequency_interpolation(rate, n_fft):
 # -----------------------------------------------------------------------------
 # mask sources: the U-Net, or the oracle mask for evaluation's reference rows
 
-def model_mask_fn(model, device, batch_size=16, amp=True):
+def model_mask_fn(model, device, batch_size=16, amp=True, exponent=1.0):
     """mask_fn for StreamingSeparator: normalised patches (channels, n, 512, 128) -> masks.
-    amp: mixed precision where the device runs it natively (see unet_model.amp_dtype)."""
+    amp: mixed precision where the device runs it natively (see unet_model.amp_dtype).
+    exponent: the masks are raised to this power (train.py fits it on the validation songs and
+    stores it in the checkpoint as mask_exponent; see checkpoint_mask_exponent)."""
     dtype = amp_dtype(device, amp)
 
     @torch.inference_mode()
@@ -92,8 +94,18 @@ def model_mask_fn(model, device, batch_size=16, amp=True):
             x = flat[i:i + batch_size].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 masks.append(model(x).float().cpu())
-        return torch.cat(masks).reshape(patches.shape)
+        masks = torch.cat(masks).reshape(patches.shape)
+        return masks if exponent == 1.0 else masks.pow(exponent)
     return mask_fn
+
+
+def checkpoint_mask_exponent(checkpoint, override=None):
+    """The exponent the model's masks are raised to: `override` if given, else the one train.py
+    fitted on the validation songs (checkpoints without one: 1, the masks as predicted). The
+    L1 loss makes the network's masks cautious where it is unsure, as a median is; the
+    signal-to-distortion ratio prefers fuller masks, and an exponent below 1 gives them
+    (README, results)."""
+    return float(override) if override is not None else float(checkpoint.get("mask_exponent", 1.0))
 
 
 def oracle_mask_fn(target, mixture, overlap=0.5):
@@ -656,6 +668,8 @@ def main():
     parser.add_argument("--no-amp", action="store_true", help="full float32 instead of bf16/fp16 autocast "
                         "(used on CUDA and on CPUs with native bf16)")
     parser.add_argument("--overlap", type=float, default=0.5, help="overlap of neighbouring 128-frame patches")
+    parser.add_argument("--mask-exponent", type=float, default=None, help="raise the masks to this power "
+                        "(default: the exponent train.py fitted on the validation songs and stored in the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=16, help="patches per network call")
     parser.add_argument("--shifts", type=int, default=DEFAULT_SHIFTS, help="average this many separations whose "
                         "frames fall 1/shifts of a hop apart (1: one pass, about 2/3 of the time; 4: no better than 2)")
@@ -680,10 +694,11 @@ def main():
         if args.n_channels is not None and args.n_channels != config["n_channels"]:
             print(f"note: --n-channels {args.n_channels} ignored; the checkpoint has n_channels={config['n_channels']}")
         target = checkpoint.get("target", "vocals")
+        exponent = checkpoint_mask_exponent(checkpoint, args.mask_exponent)
         print(f"model: {args.checkpoint} (n_channels={config['n_channels']}, target={target}, "
-              f"epoch {checkpoint.get('epoch', '?')}, validation SDR {checkpoint.get('best_val_sdr', float('nan')):.2f} dB) "
-              f"on {device}")
-        mask_fn = model_mask_fn(model, device, args.batch_size, amp=not args.no_amp)
+              f"epoch {checkpoint.get('epoch', '?')}, validation SDR {checkpoint.get('best_val_sdr', float('nan')):.2f} dB, "
+              f"mask exponent {exponent:g}) on {device}")
+        mask_fn = model_mask_fn(model, device, args.batch_size, amp=not args.no_amp, exponent=exponent)
         options = dict(target=target, overlap=args.overlap, batch_size=args.batch_size, shifts=args.shifts,
                        wiener=args.wiener, accompaniment=args.accompaniment, mask_channels=args.mask_channels)
         if args.audio is None:
@@ -701,6 +716,8 @@ def validate_args(args):
         raise dg.DataError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.shifts < 1:
         raise dg.DataError(f"--shifts must be at least 1, got {args.shifts}")
+    if args.mask_exponent is not None and not args.mask_exponent > 0:
+        raise dg.DataError(f"--mask-exponent must be positive, got {args.mask_exponent}")
     for field in ("{track}", "{stem}"):
         if field not in args.filename:
             raise dg.DataError(f"--filename must contain {field} (got {args.filename!r})")

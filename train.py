@@ -27,7 +27,7 @@ import torch.distributed as dist
 import data_generator as dg
 import evaluate
 import inference
-from unet_model import UNet, UNetConfig, amp_dtype, save_checkpoint
+from unet_model import UNet, UNetConfig, amp_dtype, save_checkpoint, write_checkpoint
 
 # -----------------------------------------------------------------------------
 # settings
@@ -68,7 +68,7 @@ parser.add_argument("--time-budget", type=float, default=30.0, help="minutes the
                     "validation included: --steps-per-epoch is chosen from the speed measured before training "
                     "(unused when --steps-per-epoch is given)")
 parser.add_argument("--batch-size", type=int, default=16, help="patches per step (per process under torchrun)")
-parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of Adam")
+parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of Adam")
 parser.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"],
                     help="cosine: linear warm-up, then cosine decay to lr/10 over all epochs")
 parser.add_argument("--warmup-steps", type=int, default=100, help="steps of linear warm-up")
@@ -78,11 +78,19 @@ parser.add_argument("--ema", type=float, default=0.0, help="validate and save an
 parser.add_argument("--select", default="sdr", choices=["sdr", "loss"], help="what picks best_model.pth and counts "
                     "for --patience: the validation songs' SDR of the target as inference separates it (BSSEval v4 at "
                     "8192 Hz, median over songs), or the validation loss")
-parser.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better "
-                    "validation score, the one --select names (0: never)")
+parser.add_argument("--mask-exponents", default="0.4,0.5,0.6,0.8,1", help="after training, best_model.pth is "
+                    "calibrated: the exponent of these that gives its masks the best validation SDR is stored in it "
+                    "and applied by inference.py ('1': keep the masks as predicted, no calibration)")
+parser.add_argument("--patience", type=int, default=0, help="stop after this many epochs without a better "
+                    "validation score, the one --select names (0: never: the schedule is sized to the run, and the "
+                    "score of 14 short validation songs is too noisy to cut it short; README, results)")
 # system
 parser.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
 parser.add_argument("--seed", type=int, default=0, help="random seed")
+parser.add_argument("--workers", type=int, default=None, help="processes that build training batches (remix, "
+                    "resample) beside the model step; default 0 on the CPU, where the step needs every core, and up "
+                    "to 8 per GPU on CUDA, where one process feeds the GPU only 6 %% of what it can train on (README, "
+                    "speed); the batches are the same whatever the number")
 parser.add_argument("--no-amp", action="store_true", help="full float32 instead of bf16/fp16 autocast (used on "
                     "CUDA and on CPUs with native bf16)")
 args = parser.parse_args()
@@ -95,7 +103,7 @@ def fail(message):
 
 for name, value, low in (("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 1),
                          ("--n-songs", args.n_songs, 1), ("--steps-per-epoch", args.steps_per_epoch, 1),
-                         ("--n-channels", args.n_channels, 1)):
+                         ("--n-channels", args.n_channels, 1), ("--workers", args.workers, 0)):
     if value is not None and value < low:
         fail(f"{name} must be at least {low}, got {value}")
 if args.steps_per_epoch is None and not args.time_budget > 0:
@@ -106,6 +114,12 @@ if not 0 <= args.dropout < 1:
     fail(f"--dropout must be in [0, 1), got {args.dropout}")
 if not 0 <= args.ema < 1:
     fail(f"--ema must be in [0, 1) (0: off), got {args.ema}")
+try:
+    mask_exponents = sorted({float(p) for p in args.mask_exponents.split(",")})
+except ValueError:
+    mask_exponents = []
+if not mask_exponents or min(mask_exponents) <= 0:
+    fail(f"--mask-exponents takes positive numbers separated by commas, got {args.mask_exponents!r}")
 
 # -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK; every process trains on its own remixes, rank 0 alone logs and saves
@@ -126,6 +140,12 @@ autocast_dtype = amp_dtype(device, not args.no_amp)
 use_amp = autocast_dtype is not None
 if device.type == "cuda":
     torch.backends.cudnn.benchmark = True
+can_fork = "fork" in torch.multiprocessing.get_all_start_methods()  # not on Windows
+if args.workers is None:
+    per_gpu = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    args.workers = max(0, min(8, per_gpu - 1)) if device.type == "cuda" and can_fork else 0
+elif args.workers > 0 and not can_fork:
+    fail("--workers needs processes started by fork, which this system does not have; use --workers 0")
 
 
 def log(message):
@@ -151,6 +171,7 @@ if args.resume and not last_path.exists():
 # data
 
 try:
+    evaluate.import_museval()  # every epoch's validation SDR needs it: fail now, not after loading
     source = dg.find_data_source(args.musdb_root, args.download, args.synthetic,
                                  interactive=None if master else False)
     log(f"dataset: {source.describe()}")
@@ -165,21 +186,42 @@ augment = dict(remix=not args.no_remix, gain=args.gain, channel_swap=not args.no
 log(f"tracks: {len(train_tracks)} train, {len(valid_tracks)} validation; augmentation: "
     + (", ".join(k for k, v in augment.items() if v is True) or "none")
     + f"; tracks shorter than a patch: {args.short_tracks}")
-rng = np.random.default_rng([args.seed, rank])  # each rank draws its own stream of remixes
 
 
-def to_device(array):
-    tensor = torch.from_numpy(array)
-    if device.type == "cuda":
-        tensor = tensor.pin_memory()  # so that the copy can overlap with the GPU's work
-    return tensor.to(device, non_blocking=True)
+class TrainingBatches(torch.utils.data.Dataset):
+    """Item k: the waveforms of training batch k of this rank, (vocals, accompaniment), each
+    (batch, PATCH_SAMPLES). Every batch draws from a random stream of its own, seeded by (seed,
+    rank, k): worker processes can build batches in any order, the run is the same with any
+    number of them, and --resume needs only the step count. Each rank remixes differently."""
+
+    def __init__(self, n_batches, key=0):
+        self.n_batches, self.key = n_batches, key
+
+    def __len__(self):
+        return self.n_batches
+
+    def __getitem__(self, k):
+        stream = np.random.default_rng([args.seed, rank, self.key, k])
+        vocals, accompaniment = dg.training_batch(train_tracks, args.batch_size, stream, **augment)
+        return torch.from_numpy(vocals), torch.from_numpy(accompaniment)
 
 
-def get_batch(stream=rng):
+def batch_loader(first, last, key=0):
+    """Batches first..last-1 in order, built by --workers processes ahead of the step (in this
+    process when 0), in pinned memory on CUDA so that the copy overlaps with the GPU's work."""
+    return torch.utils.data.DataLoader(
+        TrainingBatches(last, key), batch_size=None, sampler=range(first, last), num_workers=args.workers,
+        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        prefetch_factor=4 if args.workers > 0 else None, worker_init_fn=lambda _: torch.set_num_threads(1),
+        multiprocessing_context="fork" if args.workers > 0 else None,  # workers inherit the tracks, no pickling
+        generator=torch.Generator())  # its seed draw would otherwise shift the global stream dropout uses
+
+
+def to_spectrograms(vocals, accompaniment):
     """A training batch on the device: (mixture, target) normalised magnitudes (batch, 1, 512, 128).
     Waveforms are cut on the CPU; the STFT runs on the device."""
-    vocals, accompaniment = dg.training_batch(train_tracks, args.batch_size, stream, **augment)
-    return dg.patch_spectrograms(to_device(vocals), to_device(accompaniment), args.target)
+    return dg.patch_spectrograms(vocals.to(device, non_blocking=True), accompaniment.to(device, non_blocking=True),
+                                 args.target)
 
 
 if args.steps_per_epoch is None and not args.resume and time.time() - launched > args.time_budget * 60:
@@ -215,7 +257,6 @@ if checkpoint is not None:
     start_epoch, step = checkpoint["epoch"], checkpoint["step"]
     best_val_loss, bad_epochs, history = checkpoint["best_val_loss"], checkpoint["bad_epochs"], checkpoint["history"]
     best_val_sdr = checkpoint.get("best_val_sdr", float("-inf"))
-    rng.bit_generator.state = checkpoint["rng"][rank] if rank < len(checkpoint["rng"]) else rng.bit_generator.state
     torch.set_rng_state(checkpoint["torch_rng"])
     if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
@@ -284,14 +325,15 @@ def estimate_val_loss():
 
 
 @torch.no_grad()
-def estimate_val_sdr():
+def estimate_val_sdr(exponent=1.0):
     """(median, per-song list) of the target's SDR in dB over the validation songs as mixed, each
     separated by inference's separator at 8192 Hz and scored like evaluate.py (BSSEval v4, median
     over 1 s frames). This is what evaluate.py reports at the songs' own rate (it agreed within
     0.05 dB on the previews) for the cost of a validation loss, and a steadier judge of checkpoints
-    than the L1 loss on a few short songs. Songs are shared out between ranks."""
+    than the L1 loss on a few short songs. exponent: the masks are raised to it. Songs are
+    shared out between ranks."""
     eval_model.eval()
-    mask_fn = inference.model_mask_fn(eval_model, device, args.batch_size, amp=use_amp)
+    mask_fn = inference.model_mask_fn(eval_model, device, args.batch_size, amp=use_amp, exponent=exponent)
     scores = torch.zeros(len(valid_tracks), dtype=torch.float64, device=device)
     for i, track in enumerate(valid_tracks):
         if i % world_size != rank:
@@ -313,6 +355,35 @@ def validate():
     return dict(val_loss=val_loss, val_sdr=val_sdr, mask_mean=mask_mean, mask_std=mask_std, val_sdr_songs=val_sdr_songs)
 
 
+def fit_mask_exponent():
+    """Calibrate best_model.pth: the exponent p for which the masks M**p give the validation
+    songs the highest median SDR, stored in the checkpoint as mask_exponent (inference.py and
+    evaluate.py apply it). The L1,1 loss makes the mask cautious where the network is unsure,
+    as a median is; SDR rewards fuller masks (exponents 0.4-0.6 gained 0.4-0.6 dB on the
+    previews; README, results). Every rank takes part; rank 0 writes. Returns {p: SDR}; with a
+    single exponent there is nothing to choose, and it is stored unscored."""
+    if len(mask_exponents) == 1:
+        exponent, scores = mask_exponents[0], {mask_exponents[0]: float("nan")}
+    else:
+        scores = score_mask_exponents()
+        finite = {p: s for p, s in scores.items() if np.isfinite(s)}  # nan: no validation song has the target
+        exponent = max(finite, key=finite.get) if finite else 1.0
+    if master:
+        best = torch.load(best_path, map_location="cpu", weights_only=False)
+        best.update(mask_exponent=exponent, mask_exponent_sdr=scores)
+        write_checkpoint(best_path, best)
+    return exponent, scores
+
+
+def score_mask_exponents():
+    """{p: validation SDR of best_model.pth with its masks raised to p} for every --mask-exponents."""
+    state = [torch.load(best_path, map_location="cpu", weights_only=False)["model"] if master else None]
+    if ddp:
+        dist.broadcast_object_list(state, src=0)
+    eval_model.load_state_dict(state[0])  # training is over: the best weights replace the last
+    return {p: estimate_val_sdr(p)[0] for p in mask_exponents}
+
+
 def log_separations(epoch, n_tracks=2, seconds=10):
     """TensorBoard pictures (mixture, predicted mask, vocals) and audio of the vocals the current
     model separates from the first validation songs, through inference's separator."""
@@ -330,13 +401,18 @@ def log_separations(epoch, n_tracks=2, seconds=10):
     eval_model.train()
 
 
-def save(path, epoch):
-    extra = dict(train_model=raw_model.state_dict()) if args.ema > 0 else {}
-    save_checkpoint(path, eval_model, dg.SPEC_CONFIG, args.target, optimizer=optimizer.state_dict(),
-                    scaler=scaler.state_dict(), args=vars(args), epoch=epoch, step=step,
+def save(path, epoch, resumable):
+    """last.pth carries what --resume needs (optimiser, trained weights under --ema, RNG states);
+    best_model.pth, the file users keep and share, only the model and its record (40 MB, not 118)."""
+    extra = {}
+    if resumable:
+        extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), torch_rng=torch.get_rng_state(),
+                     cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        if args.ema > 0:
+            extra["train_model"] = raw_model.state_dict()
+    save_checkpoint(path, eval_model, dg.SPEC_CONFIG, args.target, args=vars(args), epoch=epoch, step=step,
                     best_val_loss=best_val_loss, best_val_sdr=best_val_sdr, bad_epochs=bad_epochs, history=history,
-                    rng=rng_states, torch_rng=torch.get_rng_state(), dataset=source.describe(),
-                    cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None, **extra)
+                    dataset=source.describe(), **extra)
 
 
 # -----------------------------------------------------------------------------
@@ -367,20 +443,19 @@ if not args.resume:
 
 def seconds_per_step(n_steps=8, n_untimed=2):
     """Seconds one training step (batch and Adam step) takes here, timed on throwaway copies of
-    the model and optimiser with a data stream of their own: the run itself, RNG streams
+    the model and optimiser with batches of their own (key 1): the run itself, RNG streams
     included, is exactly what it would be with the resulting --steps-per-epoch."""
     torch_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     trial_model = copy.deepcopy(raw_model)
     trial_optimizer = torch.optim.Adam(trial_model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     trial_scaler = torch.amp.GradScaler(device.type, enabled=scaler.is_enabled())
-    stream = np.random.default_rng([args.seed, rank, 1])
-    for i in range(n_untimed + n_steps):
+    for i, batch in enumerate(batch_loader(0, n_untimed + n_steps, key=1)):
         if i == n_untimed:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.time()
-        train_step(trial_model, trial_optimizer, trial_scaler, *get_batch(stream)).item()
+        train_step(trial_model, trial_optimizer, trial_scaler, *to_spectrograms(*batch)).item()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = (time.time() - t0) / n_steps
@@ -397,17 +472,20 @@ if by_budget and checkpoint is not None:  # a resumed run keeps the plan it star
     args.steps_per_epoch = checkpoint["args"]["steps_per_epoch"]
     by_budget = False
 elif by_budget:
-    t0 = time.time()
-    validate()  # again, timed without the first call's one-off costs (imports, kernel selection)
+    t0 = time.time()  # validation again, timed without the first call's one-off costs (imports, kernel selection)
+    estimate_val_loss()
+    t1 = time.time()
+    estimate_val_sdr()
     validation_seconds = agree(time.time() - t0) + logging_seconds  # what each epoch adds to its steps
+    calibration_seconds = len(mask_exponents) * agree(time.time() - t1) if len(mask_exponents) > 1 else 0
     step_seconds = agree(seconds_per_step())
     elapsed = agree(time.time() - launched)
-    left = args.time_budget * 60 * (1 - BUDGET_MARGIN) - elapsed
+    left = args.time_budget * 60 * (1 - BUDGET_MARGIN) - elapsed - calibration_seconds
     args.steps_per_epoch = int((left / args.epochs - validation_seconds) / step_seconds)
     if args.steps_per_epoch < 1:
         fail(f"--time-budget {args.time_budget:g} min is too short here: loading took {elapsed:.0f} s, a training step "
              f"takes {step_seconds:.2f} s and a validation {validation_seconds:.0f} s; give more minutes or fewer --epochs")
-    planned = elapsed + args.epochs * (args.steps_per_epoch * step_seconds + validation_seconds)
+    planned = elapsed + args.epochs * (args.steps_per_epoch * step_seconds + validation_seconds) + calibration_seconds
     log(f"time budget {args.time_budget:g} min: {step_seconds:.2f} s a step, {validation_seconds:.1f} s a validation, "
         f"{elapsed:.0f} s so far -> {args.epochs} epochs x {args.steps_per_epoch} steps "
         f"({args.epochs * args.steps_per_epoch * args.batch_size:,} patches), planned to end after "
@@ -447,7 +525,7 @@ def on_ctrl_c(signum, frame):
 if not ddp:  # under torchrun every rank gets the signal and must not stop at different steps
     signal.signal(signal.SIGINT, on_ctrl_c)
 epoch = start_epoch
-rng_states = [rng.bit_generator.state]
+batches = iter(batch_loader(step, total_steps))
 try:
     for epoch in range(start_epoch, args.epochs):
         model.train()
@@ -458,7 +536,7 @@ try:
             lr = get_lr(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = train_step(model, optimizer, scaler, *get_batch())
+            loss = train_step(model, optimizer, scaler, *to_spectrograms(*next(batches)))
             step += 1
             if interrupted:
                 raise KeyboardInterrupt
@@ -480,11 +558,6 @@ try:
         if improved:
             best_val_loss, best_val_sdr = val["val_loss"], val["val_sdr"]
         history.append(dict(epoch=epoch + 1, step=step, train_loss=train_loss, **val, lr=lr, seconds=time.time() - t0))
-        rng_states = [rng.bit_generator.state]
-        if ddp:  # rank 0 stores every rank's remix stream so --resume continues each one
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, rng.bit_generator.state)
-            rng_states = gathered
         if master:
             writer.add_scalar("train/loss", train_loss, epoch + 1)
             writer.add_scalar("val/loss", val["val_loss"], epoch + 1)
@@ -495,8 +568,8 @@ try:
             log_separations(epoch + 1)
             writer.flush()
             if improved:
-                save(best_path, epoch + 1)
-            save(last_path, epoch + 1)
+                save(best_path, epoch + 1, resumable=False)
+            save(last_path, epoch + 1, resumable=True)
         log(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, val loss {val['val_loss']:.4f}, "
             f"val SDR {val['val_sdr']:.2f} dB{' (best)' if improved else ''}, mask mean {val['mask_mean']:.3f} "
             f"std {val['mask_std']:.3f}, lr {lr:.1e}, {time.time() - t0:.0f} s")
@@ -512,7 +585,8 @@ try:
             break
 except KeyboardInterrupt:
     log(f"\ninterrupted in epoch {epoch + 1}; the last completed epoch is in {last_path} "
-        f"(continue with --resume), the best model in {best_path}")
+        f"(continue with --resume), the best model so far in {best_path} (its mask exponent is fitted "
+        f"when a run finishes)")
     if ddp:
         dist.destroy_process_group()
     sys.exit(130)
@@ -520,12 +594,16 @@ if ddp:  # DDP keeps replicas in step by averaging gradients; check that it did
     checksum = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum().reshape(1)
     gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
     dist.all_gather(gathered, checksum)
-    agree = all(torch.equal(g, gathered[0]) for g in gathered)
-    log(f"DDP: weights {'identical' if agree else 'DIFFERENT'} across {world_size} ranks "
+    identical = all(torch.equal(g, gathered[0]) for g in gathered)
+    log(f"DDP: weights {'identical' if identical else 'DIFFERENT'} across {world_size} ranks "
         f"(parameter sums {', '.join(f'{g.item():.6f}' for g in gathered)})")
-log(f"done in {time.time() - started:.0f} s: best by validation {args.select}: SDR {best_val_sdr:.2f} dB, "
-    f"loss {best_val_loss:.4f}; "
-    f"best model {best_path}, last {last_path}, logs {checkpoint_dir / 'logs'}")
+exponent, scores = fit_mask_exponent()
+if len(scores) > 1:
+    log(f"mask exponent for {best_path}: {exponent:g} (validation SDR "
+        + ", ".join(f"{s:.2f} dB at {p:g}" for p, s in scores.items()) + ")")
+log(f"done in {time.time() - started:.0f} s: best by validation {args.select}: SDR {best_val_sdr:.2f} dB with the "
+    f"masks as predicted" + (f", {scores[exponent]:.2f} dB with mask exponent {exponent:g}" if len(scores) > 1 else "")
+    + f", loss {best_val_loss:.4f}; best model {best_path}, last {last_path}, logs {checkpoint_dir / 'logs'}")
 if writer is not None:
     writer.close()
 if ddp:

@@ -157,9 +157,14 @@ def save_checkpoint(path, model, spec_config, target="vocals", **state):
     """Write a checkpoint dict (model weights, model_config, spec_config, target, and whatever
     training state is given) through a temporary file and a rename, so that a run killed
     mid-save leaves the previous file intact."""
-    path = Path(path)
     state = dict(model=model.state_dict(), model_config=asdict(model.config), spec_config=dict(spec_config),
                  target=target, **state)
+    write_checkpoint(path, state)
+
+
+def write_checkpoint(path, state):
+    """torch.save through a temporary file and a rename: the file is always whole."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)

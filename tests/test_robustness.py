@@ -216,6 +216,7 @@ def test_bad_checkpoints(problem, message, tmp_path):
                                            (["--epochs", "0"], "--epochs must be at least 1"),
                                            (["--ema", "1"], "--ema must be in [0, 1)"),
                                            (["--time-budget", "0"], "--time-budget must be positive"),
+                                           (["--mask-exponents", "0.5,x"], "--mask-exponents takes positive numbers"),
                                            (["--time-budget", "0.0001"], "loading the data alone took"),
                                            (["--musdb-root", "/nonexistent/musdb"], "no such folder")])
 def test_bad_training_flags(flags, message, tmp_path):
@@ -229,6 +230,8 @@ def test_bad_training_flags(flags, message, tmp_path):
     ("inference.py", ["--shifts", "0"], "--shifts must be at least 1"),
     ("inference.py", ["--overlap", "1"], "--overlap must be in [0, 1)"),
     ("inference.py", ["--batch-size", "0"], "--batch-size must be at least 1"),
+    ("inference.py", ["--mask-exponent", "0"], "--mask-exponent must be positive"),
+    ("evaluate.py", ["--mask-exponent", "-1", "--folder", "."], "--mask-exponent must be positive"),
     ("evaluate.py", ["--shifts", "0", "--folder", "."], "--shifts must be at least 1")])
 def test_bad_separation_flags(script, flags, message, tmp_path, tiny_checkpoint):
     song = tmp_path / "song.wav"
@@ -266,7 +269,22 @@ def test_empty_dataset_and_too_many_songs(tmp_path):
     assert not any(p.suffix == ".npy" for p in root.rglob("*"))  # nothing written beside the dataset
 
 
-TINY_TRAINING = ["--synthetic", "--n-songs", "2", "--n-channels", "4", "--batch-size", "2", "--steps-per-epoch", "3"]
+def test_without_ffmpeg_training_and_evaluation_stop_at_once_with_one_line(tmp_path):
+    # musdb (and museval, which imports it) cannot even be imported without ffmpeg and ffprobe
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python").symlink_to(sys.executable)
+    env = {"PATH": str(bare), "HOME": str(tmp_path)}
+    for script, flags in (("train.py", ["--synthetic", "--checkpoint-dir", tmp_path / "ck"]),
+                          ("evaluate.py", ["--methods", "mix", "--folder", tmp_path])):
+        result = subprocess.run([sys.executable, str(REPO / script), *map(str, flags)], capture_output=True,
+                                text=True, timeout=120, cwd=tmp_path, env=env)
+        assert_one_line_error(result, "ffmpeg and ffprobe not found", "apt-get install ffmpeg")
+    assert not (tmp_path / "ck").exists()
+
+
+TINY_TRAINING = ["--synthetic", "--n-songs", "2", "--n-channels", "4", "--batch-size", "2", "--steps-per-epoch", "3",
+                 "--mask-exponents", "1"]  # calibration off where a test is not about it: it costs five validations
 
 
 def weights(path):
@@ -283,7 +301,8 @@ def wait_for(path, process, timeout=120):
 
 def test_kill_9_during_training_then_resume_continues_exactly(tmp_path):
     """A run killed at a random point of epoch 2 and resumed ends with exactly the weights of a
-    run that was never interrupted: model, optimiser, schedule, RNG streams all come back."""
+    run that was never interrupted: model, optimiser, schedule, RNG streams all come back. The
+    resumed part builds its batches in two worker processes: the batches do not depend on that."""
     steps = ["--steps-per-epoch", "30", "--epochs", "2"]
     straight, folder = tmp_path / "straight", tmp_path / "killed"
     assert run("train.py", *TINY_TRAINING, *steps, "--checkpoint-dir", straight).returncode == 0
@@ -296,7 +315,7 @@ def test_kill_9_during_training_then_resume_continues_exactly(tmp_path):
     model, checkpoint = load_model(folder / "last.pth")  # whatever moment the kill hit, this loads
     assert checkpoint["epoch"] == 1, "the kill came after epoch 2 had finished; make the epochs longer"
     assert not list(folder.glob("*.tmp"))
-    result = run("train.py", *TINY_TRAINING, *steps, "--checkpoint-dir", folder, "--resume")
+    result = run("train.py", *TINY_TRAINING, *steps, "--checkpoint-dir", folder, "--resume", "--workers", "2")
     assert result.returncode == 0, result.stderr
     assert f"resuming from {folder / 'last.pth'}: epoch 2" in result.stdout
     final = torch.load(folder / "last.pth", weights_only=False)
@@ -345,7 +364,7 @@ def test_ema_checkpoint_holds_the_average_and_the_trained_weights(tmp_path):
 def test_best_model_is_the_epoch_with_the_best_validation_score(select, tmp_path):
     """--select sdr (the default) keeps the epoch whose separated validation vocals score the
     highest SDR; --select loss the one with the lowest validation loss. Every epoch logs both."""
-    flags = ["--epochs", "4", "--patience", "0", "--checkpoint-dir", tmp_path]
+    flags = ["--epochs", "4", "--patience", "0", "--checkpoint-dir", tmp_path, "--mask-exponents", "0.4,0.5,0.6,0.8,1"]
     result = run("train.py", *TINY_TRAINING, *flags, *(["--select", "loss"] if select == "loss" else []))
     assert result.returncode == 0, result.stderr
     history = torch.load(tmp_path / "last.pth", weights_only=False)["history"]
@@ -356,7 +375,21 @@ def test_best_model_is_the_epoch_with_the_best_validation_score(select, tmp_path
     best = torch.load(tmp_path / "best_model.pth", weights_only=False)
     expected = 1 + (int(np.argmax(sdrs)) if select == "sdr" else int(np.argmin(losses)))
     assert best["epoch"] == expected
+    assert "optimizer" not in best and "optimizer" in torch.load(tmp_path / "last.pth", weights_only=False)
     assert best["best_val_sdr"] == sdrs[expected - 1] and best["best_val_loss"] == losses[expected - 1]
+    # then the mask exponent is fitted on the same songs: the best of the grid, the grid's 1 being the epoch's own SDR
+    scores = best["mask_exponent_sdr"]
+    assert sorted(scores) == [0.4, 0.5, 0.6, 0.8, 1.0] and scores[1.0] == sdrs[expected - 1]
+    assert best["mask_exponent"] == max(scores, key=scores.get)
+    assert f"mask exponent for {tmp_path / 'best_model.pth'}: {best['mask_exponent']:g}" in result.stdout
+    assert "mask_exponent" not in torch.load(tmp_path / "last.pth", weights_only=False)
+
+
+def test_a_single_mask_exponent_is_stored_without_scoring(tmp_path):
+    result = run("train.py", *TINY_TRAINING, "--epochs", "1", "--mask-exponents", "0.7", "--checkpoint-dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert torch.load(tmp_path / "best_model.pth", weights_only=False)["mask_exponent"] == 0.7
+    assert "mask exponent for" not in result.stdout
 
 
 def test_ctrl_c_stops_cleanly_and_says_where_the_checkpoints_are(tmp_path):

@@ -21,21 +21,22 @@ def torchrun(*args, timeout=300):
 
 def test_ddp_two_processes_keep_identical_weights_and_resume(tmp_path):
     folder = tmp_path / "ck"
-    result = torchrun(*TINY, "--epochs", "1", "--checkpoint-dir", folder)
+    result = torchrun(*TINY, "--epochs", "1", "--checkpoint-dir", folder, "--mask-exponents", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "x 2 processes" in out
     assert "DDP: weights identical across 2 ranks" in out
     assert out.count("epoch 1/1:") == 1  # only rank 0 logs
-    checkpoint = torch.load(folder / "last.pth", weights_only=False)
-    assert len(checkpoint["rng"]) == 2 and checkpoint["rng"][0] != checkpoint["rng"][1]  # a remix stream per rank
     model, _ = load_model(folder / "best_model.pth", expected_spec=dg.SPEC_CONFIG)  # loads without DDP
     with torch.no_grad():
         assert model(torch.rand(1, 1, 512, 128)).shape == (1, 1, 512, 128)
-    result = torchrun(*TINY, "--epochs", "2", "--checkpoint-dir", folder, "--resume")
+    result = torchrun(*TINY, "--epochs", "2", "--checkpoint-dir", folder, "--resume", "--mask-exponents", "0.5,1")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resuming from" in result.stdout and "DDP: weights identical across 2 ranks" in result.stdout
     assert torch.load(folder / "last.pth", weights_only=False)["epoch"] == 2
+    best = torch.load(folder / "best_model.pth", weights_only=False)  # calibrated by both ranks together
+    assert sorted(best["mask_exponent_sdr"]) == [0.5, 1.0] and all(np.isfinite(list(best["mask_exponent_sdr"].values())))
+    assert best["mask_exponent"] == max(best["mask_exponent_sdr"], key=best["mask_exponent_sdr"].get)
 
 
 @pytest.fixture

@@ -160,3 +160,31 @@ def test_inference_cli_on_real_songs(tiny_checkpoint, tmp_path, song):
         assert np.isfinite(audio).all() and np.abs(audio).max() > 1e-3
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}_accompaniment.wav", f"{stem}_vocals.wav"]
     assert "real time" in result.stdout
+
+
+def test_mask_exponent_from_the_checkpoint_raises_the_masks_to_its_power(tiny_checkpoint, tmp_path):
+    """train.py stores the fitted mask_exponent in best_model.pth; the separator raises the
+    network's masks to it (checkpoints without one: 1), and --mask-exponent overrides it."""
+    model, checkpoint = load_model(tiny_checkpoint)
+    assert inference.checkpoint_mask_exponent(checkpoint) == 1.0
+    assert inference.checkpoint_mask_exponent(dict(checkpoint, mask_exponent=0.5)) == 0.5
+    assert inference.checkpoint_mask_exponent(dict(checkpoint, mask_exponent=0.5), override=0.8) == 0.8
+    patches = torch.rand(2, 3, 512, 128)
+    plain = inference.model_mask_fn(model, torch.device("cpu"), amp=False)(patches, 0)
+    half = inference.model_mask_fn(model, torch.device("cpu"), amp=False, exponent=0.5)(patches, 0)
+    assert torch.allclose(half, plain.sqrt(), atol=1e-6)
+    assert (half >= plain).all() and (half > plain + 0.01).any()  # a fuller mask: more of the mixture is voice
+    fitted = tmp_path / "fitted.pth"
+    torch.save(dict(torch.load(tiny_checkpoint, weights_only=False), mask_exponent=0.5), fitted)
+    song = tmp_path / "song.wav"
+    sf.write(str(song), noise(2, 3.0, 22050).T, 22050)
+    vocals = {}
+    for name, path, flags in (("fitted", fitted, []), ("plain", tiny_checkpoint, []), ("override", fitted, ["--mask-exponent", "1"])):
+        result = subprocess.run([sys.executable, str(REPO / "inference.py"), "--audio", str(song), "--checkpoint",
+                                 str(path), "--output-dir", str(tmp_path / name), *flags],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert f"mask exponent {0.5 if name == 'fitted' else 1:g}" in result.stdout
+        vocals[name] = sf.read(str(tmp_path / name / "song_vocals.wav"), dtype="float32")[0]
+    assert np.array_equal(vocals["override"], vocals["plain"])
+    assert np.sum(vocals["fitted"] ** 2) > 1.05 * np.sum(vocals["plain"] ** 2)

@@ -90,6 +90,23 @@ def test_normalisation_is_level_invariant_and_keeps_silence():
     assert torch.all(silent == 0)
 
 
+def test_normalisation_gives_music_one_level_whatever_silence_pads_it():
+    """A 7 s clip in a 12 s patch (the rest zeros, as the separator pads a short song or a
+    song's last patch) comes out exactly as the same music filling a patch on its own."""
+    music = torch.rand(512, 73) + 0.1
+    padded = torch.nn.functional.pad(music, (0, 55))
+    (full,) = dg.normalise(torch.cat([music, music[:, :55]], dim=-1))
+    (short,) = dg.normalise(padded)
+    assert torch.allclose(short[:, :73].mean(), torch.tensor(1.0), atol=1e-5)
+    assert torch.all(short[:, 73:] == 0)
+    assert torch.allclose(short[:, :73], music / music.mean(), atol=1e-5)
+    assert torch.allclose(full.mean(), torch.tensor(1.0), atol=1e-5)
+    # only digital silence is left out: 28 frames of very quiet sound count (101 frames, not 73)
+    quiet = padded.clone()
+    quiet[:, 100:] = 1e-6
+    assert torch.allclose(dg.normalise(quiet)[0][:, :73].mean(), torch.tensor(101 / 73), atol=1e-3)
+
+
 def test_resample_keeps_a_tone_at_its_frequency():
     rate = 44100
     t = np.arange(rate) / rate
