@@ -1,6 +1,6 @@
 # Two commands for a fresh clone (see README):
 #   make demo   installs into .venv, trains a small model on the built-in synthetic set and
-#               separates a held-out synthetic song (about 3 minutes on a 2-core CPU)
+#               separates a held-out synthetic song (about 8 minutes on a 2-core AVX2 CPU)
 #   make test   installs into .venv and runs the whole test suite
 PYTHON ?= python3
 VENV := .venv
