@@ -695,9 +695,12 @@ def main():
             print(f"note: --n-channels {args.n_channels} ignored; the checkpoint has n_channels={config['n_channels']}")
         target = checkpoint.get("target", "vocals")
         exponent = checkpoint_mask_exponent(checkpoint, args.mask_exponent)
+        # the validation SDR train.py measured with this exponent, when it scored it (else with the masks as predicted)
+        sdr = (checkpoint.get("mask_exponent_sdr") or {}).get(exponent, float("nan"))
+        sdr_text = (f"validation SDR {sdr:.2f} dB" if np.isfinite(sdr) else
+                    f"validation SDR {checkpoint.get('best_val_sdr', float('nan')):.2f} dB with the masks as predicted")
         print(f"model: {args.checkpoint} (n_channels={config['n_channels']}, target={target}, "
-              f"epoch {checkpoint.get('epoch', '?')}, validation SDR {checkpoint.get('best_val_sdr', float('nan')):.2f} dB, "
-              f"mask exponent {exponent:g}) on {device}")
+              f"epoch {checkpoint.get('epoch', '?')}, mask exponent {exponent:g}, {sdr_text}) on {device}")
         mask_fn = model_mask_fn(model, device, args.batch_size, amp=not args.no_amp, exponent=exponent)
         options = dict(target=target, overlap=args.overlap, batch_size=args.batch_size, shifts=args.shifts,
                        wiener=args.wiener, accompaniment=args.accompaniment, mask_channels=args.mask_channels)

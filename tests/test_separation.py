@@ -175,7 +175,8 @@ def test_mask_exponent_from_the_checkpoint_raises_the_masks_to_its_power(tiny_ch
     assert torch.allclose(half, plain.sqrt(), atol=1e-6)
     assert (half >= plain).all() and (half > plain + 0.01).any()  # a fuller mask: more of the mixture is voice
     fitted = tmp_path / "fitted.pth"
-    torch.save(dict(torch.load(tiny_checkpoint, weights_only=False), mask_exponent=0.5), fitted)
+    torch.save(dict(torch.load(tiny_checkpoint, weights_only=False), mask_exponent=0.5,
+                    mask_exponent_sdr={0.5: 3.21, 1.0: 2.47}), fitted)
     song = tmp_path / "song.wav"
     sf.write(str(song), noise(2, 3.0, 22050).T, 22050)
     vocals = {}
@@ -185,6 +186,9 @@ def test_mask_exponent_from_the_checkpoint_raises_the_masks_to_its_power(tiny_ch
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         assert f"mask exponent {0.5 if name == 'fitted' else 1:g}" in result.stdout
+        # the model line quotes the validation SDR train.py measured with the exponent in use
+        assert dict(fitted="validation SDR 3.21 dB)", override="validation SDR 2.47 dB)",
+                    plain="dB with the masks as predicted)")[name] in result.stdout
         vocals[name] = sf.read(str(tmp_path / name / "song_vocals.wav"), dtype="float32")[0]
     assert np.array_equal(vocals["override"], vocals["plain"])
     assert np.sum(vocals["fitted"] ** 2) > 1.05 * np.sum(vocals["plain"] ** 2)
