@@ -41,7 +41,7 @@ EPS = 1e-8
 
 SPEC_CONFIG = dict(sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH, n_bins=N_BINS,
                    patch_frames=PATCH_FRAMES, normalisation=NORMALISATION)
-TARGETS = ("vocals", "accompaniment")
+STEMS = ("vocals", "accompaniment")  # what the separator writes; either can be the training target
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_CACHE_DIR = REPO_DIR / "cache"
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
@@ -444,18 +444,43 @@ def cached_musdb_track(mtrack, cache_dir):
     path = Path(mtrack.path)
     key = cache_key(path, SAMPLE_RATE, "soxr-HQ", "v1")
     folder = Path(cache_dir) / f"{safe_name(mtrack.name)}-{key}"
-    files = {name: folder / f"{name}.npy" for name in TARGETS}
+    files = {name: folder / f"{name}.npy" for name in STEMS}
     if not all(f.exists() for f in files.values()):
-        stems = np.asarray(mtrack.stems, dtype=np.float32)  # (5, samples, 2): mix, drums, bass, other, vocals
-        rate = mtrack.rate
-        audio = {"vocals": stems[4].T, "accompaniment": (stems[1] + stems[2] + stems[3]).T}
+        audio, rate = musdb_stems(mtrack), mtrack.rate
         folder.mkdir(parents=True, exist_ok=True)
-        for name, f in files.items():
-            tmp = f.with_name(f"{name}.{os.getpid()}.tmp.npy")  # per process: torchrun ranks fill it together
-            np.save(tmp, resample(audio[name], rate, SAMPLE_RATE))
-            os.replace(tmp, f)  # a killed run never leaves a half-written cache entry
+        for name, f in files.items():  # a killed run never leaves a half-written cache entry
+            atomic_write(f, lambda tmp: np.save(tmp, resample(audio[name], rate, SAMPLE_RATE)), suffix=".npy")
     arrays = {name: np.load(f, mmap_mode="r") for name, f in files.items()}
     return Track(mtrack.name, arrays["vocals"], arrays["accompaniment"], source=str(path))
+
+
+def musdb_stems(mtrack):
+    """The stems of one musdb track at its own rate: {'mixture', 'vocals', 'accompaniment'}, each
+    (channels, samples) float32. MUSDB18 stores mixture, drums, bass, other, vocals; the
+    accompaniment is drums + bass + other."""
+    stems = np.asarray(mtrack.stems, dtype=np.float32)  # (5, samples, channels)
+    return {"mixture": stems[0].T.copy(), "vocals": stems[4].T.copy(),
+            "accompaniment": (stems[1] + stems[2] + stems[3]).T.copy()}
+
+
+def partial_path(path, suffix=""):
+    """Where a file is written before it is renamed into place: hidden, beside it, per process
+    (torchrun ranks may fill the same cache together)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial-{os.getpid()}{suffix}")
+
+
+def atomic_write(path, write, suffix=""):
+    """write(tmp) to a temporary file beside path, then rename it into place: whoever reads path
+    sees the old file or the new one whole, never half of one, also when the run is killed.
+    suffix: an ending the writer insists on (np.save appends .npy otherwise)."""
+    tmp = partial_path(path, suffix)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def safe_name(name):
@@ -743,9 +768,9 @@ def draw_sources(tracks, rng, remix=True, speed=True):
     [factor, factor]). remix: independent tracks and speeds; otherwise one song as mixed, both
     sources at one speed so that they stay in step."""
     if remix:
-        return ([tracks[rng.integers(len(tracks))] for _ in TARGETS],
-                [rng.uniform(*SPEED_RANGE) if speed else 1.0 for _ in TARGETS])
-    return [tracks[rng.integers(len(tracks))]] * len(TARGETS), [rng.uniform(*SPEED_RANGE) if speed else 1.0] * len(TARGETS)
+        return ([tracks[rng.integers(len(tracks))] for _ in STEMS],
+                [rng.uniform(*SPEED_RANGE) if speed else 1.0 for _ in STEMS])
+    return [tracks[rng.integers(len(tracks))]] * len(STEMS), [rng.uniform(*SPEED_RANGE) if speed else 1.0] * len(STEMS)
 
 
 def clip_at_speed(audio, factor, rng, room, channel_swap=True):
@@ -769,12 +794,12 @@ def filled_remix(tracks, rng, remix=True, gain=False, channel_swap=True, speed=T
     accompaniment clips from their own tracks, at their own speeds, starting together; the next
     segment begins where the longer of the two ends, and the last is cut at the patch's end.
     Returns (vocals, accompaniment), each (PATCH_SAMPLES,) float32."""
-    out = np.zeros((len(TARGETS), PATCH_SAMPLES), dtype=np.float32)
+    out = np.zeros((len(STEMS), PATCH_SAMPLES), dtype=np.float32)
     position = 0
     while position < PATCH_SAMPLES:
         picks, factors = draw_sources(tracks, rng, remix, speed)
         clips = [clip_at_speed(track.stem(name), factor, rng, PATCH_SAMPLES - position, channel_swap)
-                 for name, track, factor in zip(TARGETS, picks, factors)]
+                 for name, track, factor in zip(STEMS, picks, factors)]
         for row, clip in zip(out, clips):
             row[position:position + len(clip)] = augment_gain(clip, rng) if gain else clip
         position += max(len(clip) for clip in clips)
@@ -803,7 +828,7 @@ def random_remix(tracks, rng, remix=True, gain=False, channel_swap=True, short_t
     if short_tracks == "fill" and max(spans) < PATCH_SAMPLES:
         return filled_remix(tracks, rng, remix, gain, channel_swap, speed)
     if not remix and (spans[0] >= PATCH_SAMPLES or loop):
-        starts = [random_start(picks[0].vocals.shape[1], rng, lengths[0])] * len(TARGETS)
+        starts = [random_start(picks[0].vocals.shape[1], rng, lengths[0])] * len(STEMS)
     elif max(spans) < PATCH_SAMPLES and not loop:
         # clips shorter than a patch share one position in it, so they overlap as in a real song;
         # the position is in patch samples, and each source's read offset is scaled by its speed
@@ -812,7 +837,7 @@ def random_remix(tracks, rng, remix=True, gain=False, channel_swap=True, short_t
     else:
         starts = [random_start(t.vocals.shape[1], rng, n) for t, n in zip(picks, lengths)]
     stems = []
-    for name, track, start, factor, length in zip(TARGETS, picks, starts, factors, lengths):
+    for name, track, start, factor, length in zip(STEMS, picks, starts, factors, lengths):
         part = excerpt(track.stem(name), start, length, loop=loop)
         part = augment_channel(part, rng) if channel_swap else part[0]
         if speed:
@@ -889,7 +914,7 @@ def main():
                         "in the repo, else the preview download, else the synthetic set)")
     parser.add_argument("--download", action="store_true", help="download the 7 s previews without asking")
     parser.add_argument("--synthetic", action="store_true", help="use the built-in synthetic set")
-    parser.add_argument("--target", default="vocals", choices=TARGETS, help="source the mask extracts (default: vocals)")
+    parser.add_argument("--target", default="vocals", choices=STEMS, help="source the mask extracts (default: vocals)")
     parser.add_argument("--n-songs", type=int, default=10, help="training tracks to load (default: 10)")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="decoded-audio cache (default: cache/)")
     parser.add_argument("--output", default="data_sanity_check.png", help="PNG to write (default: data_sanity_check.png)")

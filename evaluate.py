@@ -39,9 +39,8 @@ def musdb_eval_tracks(root, subset, split, limit=None):
     if not tracks:
         raise dg.DataError(f"{root}: no tracks in subset {subset!r}" + (f", split {split!r}" if subset == "train" else ""))
     for track in tracks[:limit]:
-        stems = np.asarray(track.stems, dtype=np.float32)  # mixture, drums, bass, other, vocals
-        references = {"vocals": stems[4].T.copy(), "accompaniment": (stems[1] + stems[2] + stems[3]).T.copy()}
-        yield track.name, stems[0].T.copy(), references, int(track.rate)
+        stems = dg.musdb_stems(track)
+        yield track.name, stems.pop("mixture"), stems, int(track.rate)
 
 
 def folder_eval_tracks(folder, limit=None):

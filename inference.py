@@ -32,7 +32,6 @@ import torch
 import data_generator as dg
 from unet_model import CheckpointError, amp_dtype, load_model
 
-STEMS = ("vocals", "accompaniment")
 DEFAULT_CHECKPOINT = "checkpoints/best_model.pth"
 READ_SECONDS = 30  # input block length; any value gives the same output
 PLOT_SECONDS = 600  # --plot pictures the first 10 minutes
@@ -522,7 +521,7 @@ def separate_file(path, outputs, mask_fn, fmt="wav", progress=None, plot=None, *
     info = dg.check_audio_file(path)
     rate, channels = info.samplerate, info.channels
     subtype = "FLOAT" if fmt == "wav" else "PCM_24"
-    temporary = {stem: partial_path(p) for stem, p in outputs.items()}
+    temporary = {stem: dg.partial_path(p) for stem, p in outputs.items()}
     writers = {}
     try:
         for stem, tmp in temporary.items():
@@ -531,7 +530,7 @@ def separate_file(path, outputs, mask_fn, fmt="wav", progress=None, plot=None, *
         frames = 0
 
         def write(parts):
-            for stem, part in zip(STEMS, parts):
+            for stem, part in zip(dg.STEMS, parts):
                 writers[stem].write(np.clip(part.T, -1, 1) if fmt == "flac" else part.T)
 
         with dg.open_audio(path) as reader:
@@ -560,12 +559,6 @@ def separate_file(path, outputs, mask_fn, fmt="wav", progress=None, plot=None, *
         for tmp in temporary.values():
             if tmp.exists():
                 tmp.unlink()
-
-
-def partial_path(path):
-    """Where a file is written before it is renamed into place: hidden, beside it, per process."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
 
 
 def separation_figure(mixture, mask, title=""):
@@ -600,10 +593,8 @@ def save_separation_plot(path, mixture, mask, title=""):
     """separation_figure as a PNG, written atomically."""
     import matplotlib.pyplot as plt
     fig = separation_figure(mixture, mask, title)
-    tmp = partial_path(path)
-    fig.savefig(tmp, dpi=80, format="png")
+    dg.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def expand_inputs(paths):
@@ -624,7 +615,7 @@ def output_paths(path, output_dir, template, fmt):
     """{'vocals': Path, 'accompaniment': Path} for one input; template fields: {track} (input
     name without extension), {stem}, {ext}."""
     folder = Path(output_dir) if output_dir else Path(path).parent
-    return {stem: folder / template.format(track=Path(path).stem, stem=stem, ext=fmt) for stem in STEMS}
+    return {stem: folder / template.format(track=Path(path).stem, stem=stem, ext=fmt) for stem in dg.STEMS}
 
 
 def check_outputs(outputs, inputs):
@@ -802,14 +793,8 @@ def sdr(reference, estimate):
 
 def atomic_write(path, audio, rate, fmt="wav"):
     """Write (channels, samples) audio to path through a temporary file and a rename."""
-    path = Path(path)
-    tmp = partial_path(path)
-    try:
-        sf.write(str(tmp), np.asarray(audio).T, rate, subtype="FLOAT" if fmt == "wav" else "PCM_24", format=fmt.upper())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    subtype = "FLOAT" if fmt == "wav" else "PCM_24"
+    dg.atomic_write(path, lambda tmp: sf.write(str(tmp), np.asarray(audio).T, rate, subtype=subtype, format=fmt.upper()))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ parser.add_argument("--musdb-root", default=None, help="MUSDB18 folder (stems or
 parser.add_argument("--download", action="store_true", help="download the 7 s previews without asking")
 parser.add_argument("--synthetic", action="store_true", help="train on the built-in synthetic set")
 parser.add_argument("--cache-dir", default=str(dg.DEFAULT_CACHE_DIR), help="decoded 8192 Hz audio is cached here")
-parser.add_argument("--target", default="vocals", choices=dg.TARGETS, help="source the mask extracts "
+parser.add_argument("--target", default="vocals", choices=dg.STEMS, help="source the mask extracts "
                     "(accompaniment: the original material's instrumental model)")
 parser.add_argument("--n-songs", type=int, default=10, help="training tracks to use")
 parser.add_argument("--steps-per-epoch", type=int, default=None, help="batches per epoch, whatever the number of "
@@ -339,7 +339,7 @@ def estimate_val_sdr(exponent=1.0):
         if i % world_size != rank:
             continue
         stems = inference.separate(np.array(track.mixture), dg.SAMPLE_RATE, mask_fn, target=args.target)
-        estimate = stems[dg.TARGETS.index(args.target)]
+        estimate = stems[dg.STEMS.index(args.target)]
         scores[i] = evaluate.target_sdr(track.stem(args.target), estimate, dg.SAMPLE_RATE)
     if ddp:
         dist.all_reduce(scores)  # every song was scored by exactly one rank

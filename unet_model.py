@@ -15,7 +15,6 @@ same shape.
 """
 import argparse
 import importlib.util
-import os
 import sys
 import warnings
 from dataclasses import asdict, dataclass
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+import data_generator as dg
 
 N_LEVELS = 6  # each level halves both axes: inputs must be multiples of 64 in frequency and time
 
@@ -164,10 +165,7 @@ def save_checkpoint(path, model, spec_config, target="vocals", **state):
 
 def write_checkpoint(path, state):
     """torch.save through a temporary file and a rename: the file is always whole."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    dg.atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 # -----------------------------------------------------------------------------
