@@ -1,0 +1,401 @@
+"""data_generator.py: STFT, patches, normalisation and the oracle mask (the numbers everything else
+relies on), the datasets, training batches, and the sanity check's command line."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data_generator as dg
+import synthetic
+from conftest import MUSDB7, REPO, assert_one_line_error, needs_ffmpeg, needs_shared, run_script
+
+
+# -----------------------------------------------------------------------------
+# STFT, patches, normalisation, oracle mask
+
+def test_stft_has_the_papers_shape():
+    audio = torch.randn(2, dg.SAMPLE_RATE * 3)
+    spec = dg.stft(audio)
+    assert spec.shape == (2, 512, dg.SAMPLE_RATE * 3 // 768 + 1)
+    assert spec.dtype == torch.complex64
+    # a 1 kHz tone peaks in bin 1000 / 8 = 125
+    tone = torch.sin(2 * torch.pi * 1000 * torch.arange(dg.SAMPLE_RATE) / dg.SAMPLE_RATE)
+    assert int(dg.stft(tone).abs().mean(-1).argmax()) == 125
+
+
+@pytest.mark.parametrize("length", [500, 8192, 98560, 123457])
+def test_stft_istft_round_trip(length):
+    # faded sinusoids below 3.5 kHz put nothing in the dropped Nyquist bin, so the round trip is
+    # exact up to float rounding, tail samples included (the hop is longer than half the window)
+    rng = np.random.default_rng(length)
+    t = torch.arange(length, dtype=torch.float64) / dg.SAMPLE_RATE  # float32 phases would add noise
+    audio = sum(a * torch.sin(2 * torch.pi * f * t + p)
+                for a, f, p in zip(rng.uniform(0.1, 1, 20), rng.uniform(30, 3500, 20), rng.uniform(0, 6, 20)))
+    audio = audio * torch.sin(torch.pi * torch.arange(length) / length) ** 2
+    audio = torch.stack([audio, -0.5 * audio]).float()
+    error = (dg.istft(dg.stft(audio), length) - audio).abs().max()
+    assert error <= 1e-5 * audio.abs().max()
+
+
+def test_patch_samples_give_exactly_one_patch_without_padding():
+    spec = dg.stft(torch.randn(dg.PATCH_SAMPLES), center=False)
+    assert spec.shape[-1] == dg.PATCH_FRAMES
+
+
+@pytest.mark.parametrize("frames,overlap,expected", [(1, 0.5, 1), (73, 0.5, 1), (128, 0.5, 1), (129, 0.5, 2),
+                                                     (192, 0.5, 2), (193, 0.5, 3), (1000, 0.75, 29), (256, 0.0, 2)])
+def test_patch_count(frames, overlap, expected):
+    assert dg.n_patches(frames, dg.patch_hop(overlap)) == expected
+
+
+@pytest.mark.parametrize("frames", [5, 73, 128, 300, 1001])
+@pytest.mark.parametrize("overlap", [0.0, 0.5, 0.75])
+def test_patch_unpatch_identity(frames, overlap):
+    hop = dg.patch_hop(overlap)
+    spec = torch.rand(2, 512, frames)
+    patches = dg.to_patches(spec, hop)
+    assert patches.shape == (2, dg.n_patches(frames, hop), 512, 128)
+    assert torch.equal(patches[:, 0, :, :min(frames, 128)], spec[:, :, :128])
+    assert torch.allclose(dg.from_patches(patches, hop, frames), spec, atol=1e-6)
+
+
+def test_patch_window_crossfades_without_gaps():
+    w = dg.patch_window()
+    assert w.min() > 0 and w.max() <= 1.01
+    assert torch.allclose(w, w.flip(0))
+    # with 50 % overlap the interior weights sum to a constant: no level bumps at patch borders
+    total = w[:64] + w[64:]
+    assert torch.allclose(total, total[0].expand(64), atol=1e-6)
+
+
+def test_oracle_mask_properties():
+    torch.manual_seed(0)
+    vocals, accompaniment = torch.randn(2, 40000), torch.randn(2, 40000)
+    mixture_mag = dg.stft(vocals + accompaniment).abs()
+    vocals_mask = dg.oracle_mask(dg.stft(vocals).abs(), mixture_mag)
+    accompaniment_mask = dg.oracle_mask(dg.stft(accompaniment).abs(), mixture_mag)
+    assert vocals_mask.shape == mixture_mag.shape
+    assert vocals_mask.min() >= 0 and vocals_mask.max() <= 1
+    # |V| + |A| >= |V + A|: the two masks never leave part of the mixture unclaimed
+    heard = mixture_mag > 1e-3
+    assert torch.all((vocals_mask + accompaniment_mask)[heard] >= 0.999)
+    assert torch.all(dg.oracle_mask(mixture_mag, mixture_mag)[heard] > 0.999)  # target == mixture -> 1
+    assert torch.all(dg.oracle_mask(torch.zeros_like(mixture_mag), mixture_mag) == 0)
+    half = dg.oracle_mask(dg.stft(0.5 * (vocals + accompaniment)).abs(), mixture_mag)
+    assert torch.allclose(half[mixture_mag > 1e-3], torch.tensor(0.5), atol=1e-4)
+    silent = dg.oracle_mask(torch.zeros(3, 4), torch.zeros(3, 4))
+    assert torch.all(silent == 0) and torch.isfinite(silent).all()
+
+
+def test_normalisation_is_level_invariant_and_keeps_silence():
+    mixture, target = torch.rand(3, 512, 128), torch.rand(3, 512, 128) * 0.5
+    a = dg.normalise(mixture, target)
+    b = dg.normalise(mixture * 37.0, target * 37.0)
+    assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1], b[1], atol=1e-5)
+    assert torch.allclose(a[0].mean(dim=(-2, -1)), torch.ones(3), atol=1e-5)
+    silent = dg.normalise(torch.zeros(1, 512, 128))[0]
+    assert torch.all(silent == 0)
+
+
+def test_normalisation_gives_music_one_level_whatever_silence_pads_it():
+    """A 7 s clip in a 12 s patch (the rest zeros, as the separator pads a short song or a
+    song's last patch) comes out exactly as the same music filling a patch on its own."""
+    music = torch.rand(512, 73) + 0.1
+    padded = torch.nn.functional.pad(music, (0, 55))
+    (full,) = dg.normalise(torch.cat([music, music[:, :55]], dim=-1))
+    (short,) = dg.normalise(padded)
+    assert torch.allclose(short[:, :73].mean(), torch.tensor(1.0), atol=1e-5)
+    assert torch.all(short[:, 73:] == 0)
+    assert torch.allclose(short[:, :73], music / music.mean(), atol=1e-5)
+    assert torch.allclose(full.mean(), torch.tensor(1.0), atol=1e-5)
+    # only digital silence is left out: 28 frames of very quiet sound count (101 frames, not 73)
+    quiet = padded.clone()
+    quiet[:, 100:] = 1e-6
+    assert torch.allclose(dg.normalise(quiet)[0][:, :73].mean(), torch.tensor(101 / 73), atol=1e-3)
+
+
+def test_resample_keeps_a_tone_at_its_frequency():
+    rate = 44100
+    t = np.arange(rate) / rate
+    tone = np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 880 * t)]).astype(np.float32)
+    low = dg.resample(tone, rate, dg.SAMPLE_RATE)
+    assert low.shape == (2, dg.SAMPLE_RATE)
+    peaks = np.abs(np.fft.rfft(low, axis=1)).argmax(axis=1)  # 1 s of audio: bin == Hz
+    assert list(peaks) == [440, 880]
+
+
+# -----------------------------------------------------------------------------
+# datasets
+
+def test_dataset_path_errors_are_one_line(tmp_path):
+    with pytest.raises(dg.DataError, match="no such folder"):
+        dg.find_data_source(tmp_path / "missing")
+    (tmp_path / "train").mkdir()
+    with pytest.raises(dg.DataError, match="no MUSDB18 tracks"):
+        dg.find_data_source(tmp_path)
+
+
+def test_non_interactive_without_a_dataset_falls_back_to_synthetic_with_a_warning(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(dg, "REPO_DIR", tmp_path)
+    monkeypatch.setattr(dg, "PREVIEW_DIR", tmp_path / "MUSDB18" / "MUSDB18-7")
+    source = dg.find_data_source(interactive=False)
+    assert source.kind == "synthetic"
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("warning:") and "SYNTHETIC" in err and len(err.splitlines()) == 1
+
+
+@needs_ffmpeg
+def test_failed_download_is_a_clear_warning_and_leaves_nothing(monkeypatch, tmp_path, capsys):
+    import urllib.error
+    import musdb
+
+    def offline(*args, **kwargs):
+        (tmp_path / "MUSDB18" / "MUSDB18-7").mkdir(parents=True)  # musdb creates its root first
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(dg, "REPO_DIR", tmp_path)
+    monkeypatch.setattr(dg, "PREVIEW_DIR", tmp_path / "MUSDB18" / "MUSDB18-7")
+    monkeypatch.setattr(musdb, "DB", offline)
+    source = dg.find_data_source(download=True, interactive=False)
+    out, err = capsys.readouterr()
+    assert source.kind == "synthetic" and out == ""
+    assert "download of the MUSDB18 previews failed" in err and "offline" in err
+    assert not (tmp_path / "MUSDB18" / "MUSDB18-7").exists()
+
+
+def make_wav_dataset(root, names, seconds=2.0, rate=22050):
+    """A tiny MUSDB18-HQ layout: train/<name>/{mixture,drums,bass,other,vocals}.wav."""
+    import soundfile as sf
+    for i, name in enumerate(names):
+        track = synthetic.synthetic_track("train", i, rate=rate, seconds=seconds)
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        third = track.accompaniment / 3
+        for stem, audio in (("vocals", track.vocals), ("drums", third), ("bass", third), ("other", third),
+                            ("mixture", track.mixture)):
+            sf.write(str(folder / f"{stem}.wav"), audio.T, rate)
+
+
+@needs_ffmpeg
+def test_asking_for_more_songs_than_exist_uses_all_with_a_warning(tmp_path, capsys):
+    make_wav_dataset(tmp_path / "hq", ["A - Train One", "B - Train Two", "ANiMAL - Rockshow"])  # the last is valid
+    source = dg.find_data_source(tmp_path / "hq")
+    assert source.kind == "musdb" and source.is_wav
+    tracks = dg.load_tracks(source, "train", 50, tmp_path / "cache", progress=False)
+    assert [t.name for t in tracks] == ["A - Train One", "B - Train Two"]
+    assert tracks[0].vocals.shape == (2, 2 * dg.SAMPLE_RATE)
+    out, err = capsys.readouterr()
+    assert out == "" and "warning: --n-songs 50: only 2 train tracks exist" in err
+    assert not any(p.suffix == ".npy" for p in (tmp_path / "hq").rglob("*"))  # nothing beside the dataset
+
+
+@needs_shared
+@needs_ffmpeg
+def test_musdb_loader_on_the_shared_previews(tmp_path, monkeypatch):
+    source = dg.find_data_source(MUSDB7)
+    assert source.kind == "musdb" and not source.is_wav
+    assert len(dg.musdb_tracks(source, "train", "train")) == 80
+    valid_names = [t.name for t in dg.musdb_tracks(source, "train", "valid")]
+    assert len(valid_names) == 14 and "ANiMAL - Rockshow" in valid_names
+    tracks = dg.load_tracks(source, "valid", 2, tmp_path, progress=False)
+    assert [t.name for t in tracks] == valid_names[:2]
+    for track in tracks:
+        assert track.vocals.shape[0] == 2 and track.vocals.shape == track.accompaniment.shape
+        # ~6.8 s at 8192 Hz: about 73 frames, shorter than one 128-frame patch
+        assert 6.0 < track.vocals.shape[1] / dg.SAMPLE_RATE < 7.5
+        assert dg.n_frames(track.vocals.shape[1]) < dg.PATCH_FRAMES
+        assert np.abs(track.vocals).max() > 0.01 and np.isfinite(track.mixture).all()
+        mixture, target = dg.validation_patches(track)
+        assert mixture.shape == (2, 1, 512, 128)  # short tracks are padded, not dropped
+    # the second load reads the cache and never decodes
+    import musdb
+    monkeypatch.setattr(musdb.MultiTrack, "stems", property(lambda self: pytest.fail("decoded again")))
+    t0 = time.time()
+    again = dg.load_tracks(source, "valid", 2, tmp_path, progress=False)
+    assert np.array_equal(again[0].vocals, tracks[0].vocals)
+    assert time.time() - t0 < 5
+
+
+# -----------------------------------------------------------------------------
+# training examples
+
+def test_excerpt_of_a_short_track_is_used_whole_in_zeros():
+    audio = np.ones((2, 1000), np.float32)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        start = dg.random_start(1000, rng, 5000)
+        part = dg.excerpt(audio, start, 5000)
+        assert part.shape == (2, 5000) and part.sum() == 2000  # all of the track, nowhere cut
+    long = np.arange(20000, dtype=np.float32)[None].repeat(2, 0)
+    start = dg.random_start(20000, rng, 5000)
+    assert np.array_equal(dg.excerpt(long, start, 5000)[0], long[0, start:start + 5000])
+
+
+def test_random_remix_mixes_different_songs():
+    """Vocals and accompaniment of an example come from independently drawn songs: song i is level
+    0.1 (i + 1) in vocals and minus that in accompaniment, longer than a patch at any speed."""
+    levels = np.array([0.1 * (i + 1) for i in range(4)])
+    n = 15 * dg.SAMPLE_RATE
+    tracks = [dg.Track(f"song{i}", np.full((2, n), level, np.float32), np.full((2, n), -level, np.float32))
+              for i, level in enumerate(levels)]
+    vocals, accompaniment = dg.training_batch(tracks, 16, np.random.default_rng(0))
+    assert vocals.shape == accompaniment.shape == (16, dg.PATCH_SAMPLES) and vocals.dtype == np.float32
+    inner = slice(1000, -1000)  # away from the resampler's edges
+    songs = []
+    for v, a in zip(vocals[:, inner], -accompaniment[:, inner]):
+        pair = [int(np.abs(np.median(x) - levels).argmin()) for x in (v, a)]
+        assert np.allclose(v, levels[pair[0]], atol=1e-3) and np.allclose(a, levels[pair[1]], atol=1e-3)
+        songs.append(pair)
+    assert sum(v != a for v, a in songs) >= 6  # one in four pairs matches by chance
+    assert len({v for v, _ in songs}) == len({a for _, a in songs}) == 4
+
+
+def test_long_tracks_give_one_excerpt_per_source_at_a_random_speed_from_a_random_channel():
+    """A ramp (rising in the left channel, falling in the right) shows the excerpt: one straight
+    piece whose slope is the speed factor and whose sign is the channel."""
+    n, slope = 15 * dg.SAMPLE_RATE, 0.5 / (15 * dg.SAMPLE_RATE)
+    ramp = (0.2 + slope * np.arange(n)).astype(np.float32)
+    tracks = [dg.Track(f"ramp{i}", np.stack([ramp, -ramp]), np.stack([ramp, -ramp])) for i in range(2)]
+    vocals, accompaniment = dg.training_batch(tracks, 12, np.random.default_rng(1))
+    inner = np.arange(1000, dg.PATCH_SAMPLES - 1000)
+    factors, signs = [], []
+    for x in np.concatenate([vocals, accompaniment]):
+        fit, residual, *_ = np.polyfit(inner, x[inner], 1, full=True)
+        assert np.sqrt(residual[0] / len(inner)) < 1e-3  # one contiguous excerpt, no cut and no padding
+        factors.append(abs(fit[0]) / slope)
+        signs.append(np.sign(fit[0]))
+    factors = np.array(factors)
+    assert (factors > 0.85 - 1e-3).all() and (factors < 1.15 + 1e-3).all() and factors.std() > 0.05
+    assert not np.allclose(factors[:12], factors[12:], atol=1e-3)  # each source at its own speed
+    assert set(signs) == {-1.0, 1.0}  # both channels
+
+
+def test_patch_spectrograms_are_normalised_patches():
+    tracks = [synthetic.synthetic_track("train", i, seconds=13) for i in range(3)]
+    vocals, accompaniment = dg.training_batch(tracks, 8, np.random.default_rng(0))
+    mixture, target = dg.patch_spectrograms(torch.from_numpy(vocals), torch.from_numpy(accompaniment))
+    assert mixture.shape == target.shape == (8, 1, 512, 128)
+    # normalised: mean 1 over the frames that hold sound
+    sounding = mixture.amax(dim=2, keepdim=True) > 0
+    level = (mixture * sounding).sum(dim=(1, 2, 3)) / (512 * sounding.sum(dim=(1, 2, 3)))
+    assert torch.allclose(level, torch.ones(8), atol=1e-4)
+    assert torch.all(dg.oracle_mask(target, mixture) <= 1)
+    _, accompaniment_target = dg.patch_spectrograms(torch.from_numpy(vocals), torch.from_numpy(accompaniment),
+                                                    "accompaniment")
+    assert not torch.allclose(accompaniment_target, target)
+
+
+def test_training_batches_are_the_same_for_the_same_seed():
+    tracks = [synthetic.synthetic_track("train", i, seconds=6) for i in range(3)]
+    a = dg.training_batch(tracks, 3, np.random.default_rng(5))
+    b = dg.training_batch(tracks, 3, np.random.default_rng(5))
+    c = dg.training_batch(tracks, 3, np.random.default_rng(6))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.allclose(a[0], c[0])
+
+
+def constant_clips(seconds):
+    """Short tracks that tell themselves apart: track i is level 0.1 (i + 1) in vocals and minus
+    that in accompaniment, plus a slow ramp of 0.03 over the clip so that a clip following
+    another of the same track shows where it starts; seconds[i] long."""
+    levels = [0.1 * (i + 1) for i in range(len(seconds))]
+    tracks = []
+    for i, (s, level) in enumerate(zip(seconds, levels)):
+        clip = (level + 0.03 * np.linspace(0, 1, int(s * dg.SAMPLE_RATE), dtype=np.float32))[None].repeat(2, 0)
+        tracks.append(dg.Track(f"clip{i}", clip, -clip))
+    return levels, tracks
+
+
+def segment_bounds(x, levels):
+    """(track index, first sample, last sample) of each clip in a signal made of constant_clips:
+    clips begin wherever the signal jumps, and runs under 100 samples (the few samples a
+    resampler rings at each edge) are dropped."""
+    x = np.abs(x)
+    cuts = np.concatenate([[0], np.flatnonzero(np.abs(np.diff(x)) > 0.015) + 1, [len(x)]])
+    runs = []
+    for start, end in zip(cuts[:-1], cuts[1:]):
+        if end - start > 100 and x[start:end].mean() > 0.05:
+            track = int(np.abs(np.median(x[start:start + 50]) - np.asarray(levels)).argmin())
+            runs.append((track, int(start), int(end - 1)))
+    return runs
+
+
+def test_filled_patches_hold_whole_remixes_end_to_end():
+    """Clips shorter than a patch are laid end to end, so the mixture never falls silent. In each
+    segment vocals and accompaniment start together, every clip but those the patch's end cuts is
+    whole (its length changed only by its speed, 0.85-1.15 x), and the next segment starts where
+    the longer clip of the two ends."""
+    seconds = [4.5, 5.0, 5.5, 6.0, 6.5, 7.0]
+    levels, tracks = constant_clips(seconds)
+    rng = np.random.default_rng(2)
+    for _ in range(10):
+        vocals, accompaniment = dg.random_remix(tracks, rng)
+        assert vocals.shape == accompaniment.shape == (dg.PATCH_SAMPLES,)
+        assert (np.abs(vocals) + np.abs(accompaniment) > 0).all()  # music throughout, no padding
+        v_runs, a_runs = segment_bounds(vocals, levels), segment_bounds(accompaniment, levels)
+        assert 2 <= len(v_runs) == len(a_runs) <= 4  # 12 s holds two to four segments of 3.9-8.2 s
+        for k, ((vi, v0, v1), (ai, a0, a1)) in enumerate(zip(v_runs, a_runs)):
+            assert abs(v0 - a0) <= 16  # start together
+            if k + 1 < len(v_runs):
+                for i, first, last in ((vi, v0, v1), (ai, a0, a1)):
+                    whole = len(tracks[i].vocals[0])
+                    assert whole / 1.15 - 16 <= last - first + 1 <= whole / 0.85 + 16
+                assert abs(v_runs[k + 1][1] - (max(v1, a1) + 1)) <= 16
+
+
+def test_filled_patches_with_speed_changes_have_no_gaps():
+    """With random speeds (0.85-1.15 x), each source is resampled on its own: segments still
+    start together, every whole clip of 6.8 s lasts 5.9-8.0 s, and nothing is silent."""
+    levels, tracks = constant_clips([6.8] * 6)
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        vocals, accompaniment = dg.random_remix(tracks, rng)
+        assert (np.abs(vocals) + np.abs(accompaniment) > 0).all()
+        v_runs, a_runs = segment_bounds(vocals, levels), segment_bounds(accompaniment, levels)
+        assert 2 <= len(v_runs) == len(a_runs) <= 3
+        for (_, v0, v1), (_, a0, a1) in list(zip(v_runs, a_runs))[:-1]:
+            assert abs(v0 - a0) <= 16
+            for start, end in ((v0, v1), (a0, a1)):
+                assert 5.8 * dg.SAMPLE_RATE < end - start < 8.1 * dg.SAMPLE_RATE
+
+
+# -----------------------------------------------------------------------------
+# the sanity check: python data_generator.py
+
+def test_sanity_check_runs_without_ffmpeg_and_writes_its_png(tmp_path):
+    """musdb refuses to import without ffmpeg: importing data_generator and using the synthetic
+    set must not touch it."""
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable)}  # the venv's python, no ffmpeg
+    assert shutil.which("ffmpeg", path=env["PATH"]) is None and shutil.which("ffprobe", path=env["PATH"]) is None
+    code = ("import sys, data_generator as dg, synthetic; dg.load_tracks(dg.DataSource('synthetic'), 'train', 1); "
+            "assert not {'musdb', 'stempeg', 'museval'} & set(sys.modules), sorted(sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    png = tmp_path / "out" / "check.png"
+    png.parent.mkdir()
+    result = run_script("data_generator.py", "--synthetic", "--n-songs", "2", "--output", png, "--seed", "3",
+                        env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "dataset: built-in SYNTHETIC" in result.stdout and "tracks: 2 train, 6 valid" in result.stdout
+    assert "training batch (random remixes): mixture and target (16, 1, 512, 128)" in result.stdout
+    assert "validation set (songs as mixed)" in result.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in png.parent.iterdir()) == ["check.png"]  # no partial file left
+
+
+@pytest.mark.parametrize("args,words", [(["--musdb-root", "/nonexistent"], ["--musdb-root", "no such folder"]),
+                                        (["--synthetic", "--n-songs", "0"], ["--n-songs", "at least 1"]),
+                                        (["--synthetic", "--n-songs", "many"], ["--n-songs", "invalid int"]),
+                                        (["--synthetic", "--output", "missing/x.png"], ["--output", "no such folder"]),
+                                        (["--target", "vocals"], ["unrecognized arguments", "--target"])])
+def test_sanity_check_errors_are_one_line_and_write_nothing(tmp_path, args, words):
+    result = run_script("data_generator.py", *args, cwd=tmp_path)
+    assert_one_line_error(result, *words)
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert list(tmp_path.iterdir()) == []
