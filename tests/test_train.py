@@ -19,12 +19,12 @@ TINY = ["--synthetic", "--n-songs", "2", "--n-channels", "4", "--batch-size", "2
 
 
 def test_epochs_are_passes_over_the_training_audio_and_the_plan_comes_first(tmp_path):
-    """10 synthetic songs of 20 s: 10 x 214 frames = 2,140, at a hop of 64 frames 34 patches, in
+    """10 synthetic songs of 20 s: 10 x 215 frames = 2,150, at a hop of 64 frames 34 patches, in
     batches of 1: 34 steps an epoch (above the floor of 32), whatever the machine."""
     result = run_script("train.py", "--synthetic", "--n-channels", "4", "--batch-size", "1", "--epochs", "2", "--cpu",
                         "--checkpoint-dir", tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr
-    plan = "plan: 2 epochs x 34 steps of 1 patches (68 patches); an epoch: one pass over 2,140 frames"
+    plan = "plan: 2 epochs x 34 steps of 1 patches (68 patches); an epoch: one pass over 2,150 frames"
     assert plan in result.stdout
     assert result.stdout.index(plan) < result.stdout.index("before training")
     last = read_checkpoint(tmp_path / "last.pth")
