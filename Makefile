@@ -1,6 +1,6 @@
 # Two commands for a fresh clone (see README):
 #   make demo   installs into .venv, trains a small model on the built-in synthetic set and
-#               separates a held-out synthetic song (about 8 minutes on a 2-core AVX2 CPU)
+#               separates a held-out synthetic song (minutes on a laptop CPU; the plan is printed first)
 #   make test   installs into .venv and runs the whole test suite
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 .PHONY: demo test clean
 
 demo: $(VENV)/.installed
-	$(BIN)/python train.py --synthetic --epochs 8 --steps-per-epoch 30 --checkpoint-dir checkpoints/demo
+	$(BIN)/python train.py --synthetic --epochs 8 --checkpoint-dir checkpoints/demo
 	$(BIN)/python inference.py --synthetic --checkpoint checkpoints/demo/best_model.pth --output-dir outputs/demo
 
 test: $(VENV)/.installed

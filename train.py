@@ -1,20 +1,22 @@
 """
 Train the U-Net singing-voice separator.
 
-    python train.py                                          # defaults: see --help
-    python train.py --musdb-root ../shared/data/MUSDB18-7 --n-songs 94
+    python train.py                    # 20 epochs on 10 songs; prints its plan first
+    python train.py --epochs 2         # start small to test quickly
+    python train.py --musdb-root ../shared/data/MUSDB18-7 --n-songs 94 --time-budget 30
     torchrun --standalone --nproc_per_node=4 train.py --musdb-root MUSDB18/musdb18
 
-One story, top to bottom: settings -> DDP set-up -> data -> model and optimiser (fresh or
-resumed) -> learning-rate schedule -> validation -> the loop, which saves the last and the best
-checkpoint (by the vocals SDR of musdb's validation split, or by validation loss) to
---checkpoint-dir and writes TensorBoard logs to <checkpoint-dir>/logs.
+Top to bottom: settings -> DDP -> data -> the plan -> model and optimiser (fresh or resumed) ->
+validation -> the loop, which saves last.pth and best_model.pth (best validation SDR of the target)
+to --checkpoint-dir, with TensorBoard logs in <checkpoint-dir>/logs. An epoch is the same amount of
+training on every machine: one pass over the training audio in patches at inference's overlap (a
+hop of 64 frames), at least MIN_STEPS_PER_EPOCH steps; --time-budget MIN instead sizes the epochs
+from a step and a validation timed here, so that the run takes about MIN minutes.
 """
 import argparse
 import copy
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -27,17 +29,23 @@ import torch.distributed as dist
 import data_generator as dg
 import evaluate
 import inference
-from unet_model import UNet, UNetConfig, amp_dtype, save_checkpoint, write_checkpoint
+from unet_model import (CheckpointError, UNet, UNetConfig, amp_dtype, masked_l1_loss, read_checkpoint,
+                        save_checkpoint, stored_config, train_step)
 
-# -----------------------------------------------------------------------------
+# An epoch ends with a validation, which costs as much as many training steps. On a few short songs
+# (the synthetic set, the MUSDB18 previews) one pass over the audio is only a handful of steps, and
+# the run would spend most of its time validating: so an epoch is at least this many steps.
+MIN_STEPS_PER_EPOCH = 32
+# Adam's first updates, taken before its moment estimates settle, can throw a freshly initialised
+# network far off; the learning rate rises linearly over these steps (at most a fifth of the run).
+WARMUP_STEPS = 100
+BUDGET_MARGIN = 0.03  # of --time-budget, kept free for what the plan cannot time (saving, the last log lines)
+
 # settings
-
 parser = argparse.ArgumentParser(description="Train the U-Net singing-voice separator (Jansson et al. 2017).",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-# I/O
 parser.add_argument("--checkpoint-dir", default="checkpoints", help="best_model.pth, last.pth and logs/ go here")
 parser.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/last.pth")
-# data
 parser.add_argument("--musdb-root", default=None, help="MUSDB18 folder (stems or HQ wav); default: MUSDB18/musdb18 "
                     "in the repo, else the 7 s preview download, else the built-in synthetic set")
 parser.add_argument("--download", action="store_true", help="download the 7 s previews without asking")
@@ -46,53 +54,16 @@ parser.add_argument("--cache-dir", default=str(dg.DEFAULT_CACHE_DIR), help="deco
 parser.add_argument("--target", default="vocals", choices=dg.STEMS, help="source the mask extracts "
                     "(accompaniment: the original material's instrumental model)")
 parser.add_argument("--n-songs", type=int, default=10, help="training tracks to use")
-parser.add_argument("--steps-per-epoch", type=int, default=None, help="batches per epoch, whatever the number of "
-                    "tracks (default: as many as fit in --time-budget on this machine)")
-parser.add_argument("--no-remix", action="store_true", help="train on songs as mixed instead of random remixes "
-                    "of vocals and accompaniment from different tracks")
-parser.add_argument("--gain", action="store_true", help="random gains (0.25-1.25) per source; measured neutral on "
-                    "vocals and 0.35 dB worse on accompaniment on the MUSDB18 previews, so off by default")
-parser.add_argument("--no-channel-swap", action="store_true", help="always the left channel instead of a random one")
-parser.add_argument("--no-speed", action="store_true", help="no random speed change (each source is otherwise "
-                    "played 0.85-1.15 times as fast, pitch and tempo together)")
-parser.add_argument("--short-tracks", default="fill", choices=dg.SHORT_TRACKS, help="tracks shorter than a patch: "
-                    "followed by further remixes until the patch is full, padded with silence, or repeated to fill it")
-# model
 parser.add_argument("--n-channels", type=int, default=16, help="first-layer width; layer k has n_channels * 2**k")
-parser.add_argument("--dropout", type=float, default=0.5, help="dropout of the first three decoder layers")
-parser.add_argument("--input-transform", default="linear", choices=["linear", "log1p"],
-                    help="what the network sees of the normalised magnitudes (the mask always scales linear ones)")
-# optimiser and schedule
-parser.add_argument("--epochs", type=int, default=20, help="maximum number of epochs")
-parser.add_argument("--time-budget", type=float, default=30.0, help="minutes the whole run may take, loading and "
-                    "validation included: --steps-per-epoch is chosen from the speed measured before training "
-                    "(unused when --steps-per-epoch is given)")
+parser.add_argument("--epochs", type=int, default=20, help="passes over the training audio (see the printed plan)")
+parser.add_argument("--time-budget", type=float, default=None, metavar="MIN", help="size the epochs so that the "
+                    "whole run, loading and validation included, takes about MIN minutes on this machine")
 parser.add_argument("--batch-size", type=int, default=16, help="patches per step (per process under torchrun)")
-parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of Adam")
-parser.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"],
-                    help="cosine: linear warm-up, then cosine decay to lr/10 over all epochs")
-parser.add_argument("--warmup-steps", type=int, default=100, help="steps of linear warm-up")
-parser.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
-parser.add_argument("--ema", type=float, default=0.0, help="validate and save an exponential moving average of the "
-                    "weights with this decay (e.g. 0.998); 0: the weights as trained")
-parser.add_argument("--select", default="sdr", choices=["sdr", "loss"], help="what picks best_model.pth and counts "
-                    "for --patience: the validation songs' SDR of the target as inference separates it (BSSEval v4 at "
-                    "8192 Hz, median over songs), or the validation loss")
-parser.add_argument("--mask-exponents", default="0.4,0.5,0.6,0.8,1", help="after training, best_model.pth is "
-                    "calibrated: the exponent of these that gives its masks the best validation SDR is stored in it "
-                    "and applied by inference.py ('1': keep the masks as predicted, no calibration)")
-parser.add_argument("--patience", type=int, default=0, help="stop after this many epochs without a better "
-                    "validation score, the one --select names (0: never: the schedule is sized to the run, and the "
-                    "score of 14 short validation songs is too noisy to cut it short; README, results)")
-# system
+parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of Adam (warm-up, cosine decay)")
 parser.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
 parser.add_argument("--seed", type=int, default=0, help="random seed")
-parser.add_argument("--workers", type=int, default=None, help="processes that build training batches (remix, "
-                    "resample) beside the model step; default 0 on the CPU, where the step needs every core, and up "
-                    "to 8 per GPU on CUDA, where one process feeds the GPU only 6 %% of what it can train on (README, "
-                    "speed); the batches are the same whatever the number")
-parser.add_argument("--no-amp", action="store_true", help="full float32 instead of bf16/fp16 autocast (used on "
-                    "CUDA and on CPUs with native bf16)")
+parser.add_argument("--workers", type=int, default=None, help="processes building batches beside the step (same batches "
+                    "whatever the number); default 0 on the CPU, where the step needs every core, up to 8 per GPU")
 args = parser.parse_args()
 launched = time.time()  # the time budget counts from here: loading and decoding the data are part of the run
 
@@ -102,28 +73,16 @@ def fail(message):
 
 
 for name, value, low in (("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 1),
-                         ("--n-songs", args.n_songs, 1), ("--steps-per-epoch", args.steps_per_epoch, 1),
-                         ("--n-channels", args.n_channels, 1), ("--workers", args.workers, 0)):
+                         ("--n-songs", args.n_songs, 1), ("--n-channels", args.n_channels, 1),
+                         ("--workers", args.workers, 0)):
     if value is not None and value < low:
         fail(f"{name} must be at least {low}, got {value}")
-if args.steps_per_epoch is None and not args.time_budget > 0:
-    fail(f"--time-budget must be positive when --steps-per-epoch is not given, got {args.time_budget}")
 if not args.lr > 0:
     fail(f"--lr must be positive, got {args.lr}")
-if not 0 <= args.dropout < 1:
-    fail(f"--dropout must be in [0, 1), got {args.dropout}")
-if not 0 <= args.ema < 1:
-    fail(f"--ema must be in [0, 1) (0: off), got {args.ema}")
-try:
-    mask_exponents = sorted({float(p) for p in args.mask_exponents.split(",")})
-except ValueError:
-    mask_exponents = []
-if not mask_exponents or min(mask_exponents) <= 0:
-    fail(f"--mask-exponents takes positive numbers separated by commas, got {args.mask_exponents!r}")
+if args.time_budget is not None and not args.time_budget > 0:
+    fail(f"--time-budget must be positive, got {args.time_budget}")
 
-# -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK; every process trains on its own remixes, rank 0 alone logs and saves
-
 ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
 if ddp:
     rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
@@ -136,8 +95,7 @@ else:
     rank, world_size = 0, 1
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
 master = rank == 0
-autocast_dtype = amp_dtype(device, not args.no_amp)
-use_amp = autocast_dtype is not None
+autocast_dtype = amp_dtype(device)  # bf16 on CUDA and on CPUs with native bf16, else float32
 if device.type == "cuda":
     torch.backends.cudnn.benchmark = True
 can_fork = "fork" in torch.multiprocessing.get_all_start_methods()  # not on Windows
@@ -164,14 +122,18 @@ def agree(value):
 
 checkpoint_dir = Path(args.checkpoint_dir)
 best_path, last_path = checkpoint_dir / "best_model.pth", checkpoint_dir / "last.pth"
-if args.resume and not last_path.exists():
-    fail(f"--resume: no {last_path} to resume from (train without --resume first)")
+checkpoint = None
+if args.resume:
+    try:
+        checkpoint = read_checkpoint(last_path)  # data only: a checkpoint that would run code is refused
+        model_config = stored_config(checkpoint, last_path)
+    except CheckpointError as e:
+        fail(f"--resume: {e}")
+    if checkpoint.get("target", "vocals") != args.target:
+        fail(f"--resume: {last_path} was trained with --target {checkpoint['target']}, not {args.target}")
 
-# -----------------------------------------------------------------------------
 # data
-
 try:
-    evaluate.import_museval()  # every epoch's validation SDR needs it: fail now, not after loading
     source = dg.find_data_source(args.musdb_root, args.download, args.synthetic,
                                  interactive=None if master else False)
     log(f"dataset: {source.describe()}")
@@ -181,18 +143,13 @@ except dg.DataError as e:
     fail(str(e))
 if not train_tracks or not valid_tracks:
     fail(f"{source.describe()}: needs training and validation tracks, found {len(train_tracks)} and {len(valid_tracks)}")
-augment = dict(remix=not args.no_remix, gain=args.gain, channel_swap=not args.no_channel_swap,
-               speed=not args.no_speed, short_tracks=args.short_tracks)
-log(f"tracks: {len(train_tracks)} train, {len(valid_tracks)} validation; augmentation: "
-    + (", ".join(k for k, v in augment.items() if v is True) or "none")
-    + f"; tracks shorter than a patch: {args.short_tracks}")
+log(f"tracks: {len(train_tracks)} train, {len(valid_tracks)} validation; each patch a random remix of them")
 
 
 class TrainingBatches(torch.utils.data.Dataset):
-    """Item k: the waveforms of training batch k of this rank, (vocals, accompaniment), each
-    (batch, PATCH_SAMPLES). Every batch draws from a random stream of its own, seeded by (seed,
-    rank, k): worker processes can build batches in any order, the run is the same with any
-    number of them, and --resume needs only the step count. Each rank remixes differently."""
+    """Item k: training batch k of this rank, (vocals, accompaniment) each (batch, PATCH_SAMPLES), from a
+    random stream seeded by (seed, rank, k): workers can build batches in any order, the run is the same
+    with any number of them, and --resume needs only the step count."""
 
     def __init__(self, n_batches, key=0):
         self.n_batches, self.key = n_batches, key
@@ -202,13 +159,12 @@ class TrainingBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         stream = np.random.default_rng([args.seed, rank, self.key, k])
-        vocals, accompaniment = dg.training_batch(train_tracks, args.batch_size, stream, **augment)
+        vocals, accompaniment = dg.training_batch(train_tracks, args.batch_size, stream)
         return torch.from_numpy(vocals), torch.from_numpy(accompaniment)
 
 
 def batch_loader(first, last, key=0):
-    """Batches first..last-1 in order, built by --workers processes ahead of the step (in this
-    process when 0), in pinned memory on CUDA so that the copy overlaps with the GPU's work."""
+    """Batches first..last-1 in order, built by --workers processes ahead of the step (here when 0)."""
     return torch.utils.data.DataLoader(
         TrainingBatches(last, key), batch_size=None, sampler=range(first, last), num_workers=args.workers,
         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
@@ -218,122 +174,101 @@ def batch_loader(first, last, key=0):
 
 
 def to_spectrograms(vocals, accompaniment):
-    """A training batch on the device: (mixture, target) normalised magnitudes (batch, 1, 512, 128).
-    Waveforms are cut on the CPU; the STFT runs on the device."""
+    """A batch on the device: (mixture, target) normalised magnitudes (batch, 1, 512, 128)."""
     return dg.patch_spectrograms(vocals.to(device, non_blocking=True), accompaniment.to(device, non_blocking=True),
                                  args.target)
 
 
-if args.steps_per_epoch is None and not args.resume and time.time() - launched > args.time_budget * 60:
+def one_pass():
+    """(steps per epoch, patches, frames) of one pass over the training audio at the patch hop, in batches
+    of every rank, at least MIN_STEPS_PER_EPOCH; frames per song (a patch takes one channel)."""
+    frames = sum(dg.n_frames(track.vocals.shape[1]) for track in train_tracks)
+    patches = math.ceil(frames / dg.patch_hop(0.5))
+    return max(MIN_STEPS_PER_EPOCH, math.ceil(patches / (args.batch_size * world_size))), patches, frames
+
+
+def describe_plan(steps_per_epoch):
+    patches = args.epochs * steps_per_epoch * args.batch_size * world_size
+    return f"{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size * world_size} patches ({patches:,} patches)"
+
+
+by_budget = args.time_budget is not None and checkpoint is None  # a resumed run keeps the plan it started with
+if checkpoint is not None:
+    steps_per_epoch = checkpoint.get("steps_per_epoch") or checkpoint["args"]["steps_per_epoch"]
+    log(f"plan: {describe_plan(steps_per_epoch)}, as {last_path} was planned")
+elif not by_budget:
+    steps_per_epoch, pass_patches, pass_frames = one_pass()
+    log(f"plan: {describe_plan(steps_per_epoch)}; an epoch: one pass over {pass_frames:,} frames of training audio "
+        f"= {pass_patches:,} patches at a hop of {dg.patch_hop(0.5)} frames, at least {MIN_STEPS_PER_EPOCH} steps")
+elif time.time() - launched > args.time_budget * 60:
     fail(f"--time-budget {args.time_budget:g} min: loading the data alone took {time.time() - launched:.0f} s; "
-         f"give more minutes or a fixed --steps-per-epoch")
+         f"give more minutes")
+else:
+    log(f"plan: {args.epochs} epochs sized to --time-budget {args.time_budget:g} min once a step and a validation "
+        f"have been timed")
 if master:  # only now that the data is there: a failed start leaves no empty folders behind
     try:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f"--checkpoint-dir {checkpoint_dir}: cannot create it ({e.strerror})")
 
-# -----------------------------------------------------------------------------
 # model and optimiser: fresh, or resumed with everything needed to continue exactly
-
 torch.manual_seed(args.seed)
-random.seed(args.seed)
-model_config = UNetConfig(n_channels=args.n_channels, dropout=args.dropout, input_transform=args.input_transform)
-start_epoch, step, best_val_loss, best_val_sdr, bad_epochs, history = 0, 0, float("inf"), float("-inf"), 0, []
-checkpoint = None
-if args.resume:
-    checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
-    model_config = UNetConfig(**checkpoint["model_config"])
-    if checkpoint.get("target", "vocals") != args.target:
-        fail(f"--resume: {last_path} was trained with --target {checkpoint['target']}, not {args.target}")
-# channels-last: oneDNN's convolutions run 15-20 % faster on it (README, speed)
+if checkpoint is None:
+    model_config = UNetConfig(n_channels=args.n_channels)
+# channels-last: oneDNN's convolutions run faster on it (README, speed)
 model = UNet(model_config).to(device, memory_format=torch.channels_last)
-optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
 scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)  # bf16 needs no scaling
+start_epoch, step, best_val_loss, best_val_sdr, history = 0, 0, float("inf"), float("-inf"), []
 if checkpoint is not None:
-    model.load_state_dict(checkpoint.get("train_model", checkpoint["model"]))  # "model" holds the average under --ema
+    model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
-    start_epoch, step = checkpoint["epoch"], checkpoint["step"]
-    best_val_loss, bad_epochs, history = checkpoint["best_val_loss"], checkpoint["bad_epochs"], checkpoint["history"]
-    best_val_sdr = checkpoint.get("best_val_sdr", float("-inf"))
+    start_epoch, step, history = checkpoint["epoch"], checkpoint["step"], checkpoint["history"]
+    best_val_loss, best_val_sdr = checkpoint["best_val_loss"], checkpoint["best_val_sdr"]
     torch.set_rng_state(checkpoint["torch_rng"])
     if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
-    log(f"resuming from {last_path}: epoch {start_epoch + 1}, step {step}, best validation loss {best_val_loss:.4f}, "
-        f"SDR {best_val_sdr:.2f} dB")
+    log(f"resuming from {last_path}: epoch {start_epoch + 1}, step {step}, best validation SDR {best_val_sdr:.2f} dB")
 log(f"model: U-Net, n_channels={model_config.n_channels}, {model.get_num_params():,} parameters, on {device}"
-    + (f" x {world_size} processes" if ddp else "") + (f", autocast {autocast_dtype}" if use_amp else ""))
-raw_model = model
-# the weights that are validated and saved: an exponential moving average of the trained ones when --ema
-eval_model = copy.deepcopy(raw_model) if args.ema > 0 else raw_model
-if checkpoint is not None and args.ema > 0:
-    eval_model.load_state_dict(checkpoint["model"])
-
-
-@torch.no_grad()
-def update_ema():
-    """Move the averaged weights towards the trained ones; the decay ramps up over the first steps
-    so that the random initialisation is forgotten quickly."""
-    decay = min(args.ema, (1 + step) / (10 + step))
-    for averaged, trained in zip(eval_model.state_dict().values(), raw_model.state_dict().values()):
-        if averaged.is_floating_point():
-            averaged.lerp_(trained, 1 - decay)
-        else:
-            averaged.copy_(trained)  # BatchNorm's batch counter
-
-
+    + (f" x {world_size} processes" if ddp else "") + (f", autocast {autocast_dtype}" if autocast_dtype else ""))
+raw_model = model  # the network itself: what is validated and saved
 if ddp:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+# validation: the loss on every patch of the validation songs as mixed, and their SDR
 
-def train_step(model, optimizer, scaler, mixture, target):
-    """One Adam step on the L1,1 loss between the masked mixture and the target, both
-    (batch, 1, 512, 128) normalised magnitudes. Returns the loss tensor."""
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_amp):
-        mask = model(mixture)
-    loss = (mask.float() * mixture - target).abs().mean()
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss
-
-# -----------------------------------------------------------------------------
-# validation: the L1,1 loss on every patch of the validation songs as mixed
 
 @torch.no_grad()
 def estimate_val_loss():
     """(loss, mask mean, mask std) over the validation patches, shared out between ranks."""
-    eval_model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # |error|, mask, mask^2, elements
+    raw_model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss x elements, mask, mask^2, elements
     for i, track in enumerate(valid_tracks):
         if i % world_size != rank:
             continue
         mixture, target = dg.validation_patches(track, args.target)
         for j in range(0, mixture.shape[0], args.batch_size):
             x, y = mixture[j:j + args.batch_size].to(device), target[j:j + args.batch_size].to(device)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_amp):
-                mask = eval_model(x).float()
-            sums += torch.stack([(mask * x - y).abs().sum(), mask.sum(), mask.square().sum(),
-                                 torch.tensor(float(mask.numel()), device=device)]).double()
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                mask = raw_model(x).float()
+            n = float(mask.numel())
+            sums += torch.stack([masked_l1_loss(mask, x, y) * n, mask.sum(), mask.square().sum(),
+                                 torch.tensor(n, device=device)]).double()
     if ddp:
         dist.all_reduce(sums)
-    eval_model.train()
+    raw_model.train()
     loss, mean = (sums[0] / sums[3]).item(), (sums[1] / sums[3]).item()
     return loss, mean, math.sqrt(max(0.0, (sums[2] / sums[3]).item() - mean ** 2))
 
 
 @torch.no_grad()
-def estimate_val_sdr(exponent=1.0):
-    """(median, per-song list) of the target's SDR in dB over the validation songs as mixed, each
-    separated by inference's separator at 8192 Hz and scored like evaluate.py (BSSEval v4, median
-    over 1 s frames). This is what evaluate.py reports at the songs' own rate (it agreed within
-    0.05 dB on the previews) for the cost of a validation loss, and a steadier judge of checkpoints
-    than the L1 loss on a few short songs. exponent: the masks are raised to it. Songs are
-    shared out between ranks."""
-    eval_model.eval()
-    mask_fn = inference.model_mask_fn(eval_model, device, args.batch_size, amp=use_amp, exponent=exponent)
+def estimate_val_sdr():
+    """(median, per-song list) of the target's SDR (dB) on the validation songs, separated by inference's
+    separator at 8192 Hz, scored like evaluate.py (BSSEval v4): a steadier judge than the loss."""
+    raw_model.eval()
+    mask_fn = inference.model_mask_fn(raw_model, device, args.batch_size)
     scores = torch.zeros(len(valid_tracks), dtype=torch.float64, device=device)
     for i, track in enumerate(valid_tracks):
         if i % world_size != rank:
@@ -343,52 +278,25 @@ def estimate_val_sdr(exponent=1.0):
         scores[i] = evaluate.target_sdr(track.stem(args.target), estimate, dg.SAMPLE_RATE)
     if ddp:
         dist.all_reduce(scores)  # every song was scored by exactly one rank
-    eval_model.train()
+    raw_model.train()
     per_song = scores.cpu().tolist()
     return float(np.nanmedian(per_song)), per_song  # nan: a song whose target is silent throughout
 
 
 def validate():
-    """Every validation figure of the current model, for the log and the history."""
-    val_loss, mask_mean, mask_std = estimate_val_loss()
-    val_sdr, val_sdr_songs = estimate_val_sdr()
+    """Every validation figure of the current model, as plain floats for the log and the history."""
+    try:
+        val_loss, mask_mean, mask_std = estimate_val_loss()
+        val_sdr, val_sdr_songs = estimate_val_sdr()
+    except dg.DataError as e:  # what scoring needs is missing (see evaluate.target_sdr)
+        fail(str(e))
     return dict(val_loss=val_loss, val_sdr=val_sdr, mask_mean=mask_mean, mask_std=mask_std, val_sdr_songs=val_sdr_songs)
 
 
-def fit_mask_exponent():
-    """Calibrate best_model.pth: the exponent p for which the masks M**p give the validation
-    songs the highest median SDR, stored in the checkpoint as mask_exponent (inference.py and
-    evaluate.py apply it). The L1,1 loss makes the mask cautious where the network is unsure,
-    as a median is; SDR rewards fuller masks (exponents 0.4-0.6 gained 0.4-0.6 dB on the
-    previews; README, results). Every rank takes part; rank 0 writes. Returns {p: SDR}; with a
-    single exponent there is nothing to choose, and it is stored unscored."""
-    if len(mask_exponents) == 1:
-        exponent, scores = mask_exponents[0], {mask_exponents[0]: float("nan")}
-    else:
-        scores = score_mask_exponents()
-        finite = {p: s for p, s in scores.items() if np.isfinite(s)}  # nan: no validation song has the target
-        exponent = max(finite, key=finite.get) if finite else 1.0
-    if master:
-        best = torch.load(best_path, map_location="cpu", weights_only=False)
-        best.update(mask_exponent=exponent, mask_exponent_sdr=scores)
-        write_checkpoint(best_path, best)
-    return exponent, scores
-
-
-def score_mask_exponents():
-    """{p: validation SDR of best_model.pth with its masks raised to p} for every --mask-exponents."""
-    state = [torch.load(best_path, map_location="cpu", weights_only=False)["model"] if master else None]
-    if ddp:
-        dist.broadcast_object_list(state, src=0)
-    eval_model.load_state_dict(state[0])  # training is over: the best weights replace the last
-    return {p: estimate_val_sdr(p)[0] for p in mask_exponents}
-
-
 def log_separations(epoch, n_tracks=2, seconds=10):
-    """TensorBoard pictures (mixture, predicted mask, vocals) and audio of the vocals the current
-    model separates from the first validation songs, through inference's separator."""
-    eval_model.eval()
-    mask_fn = inference.model_mask_fn(eval_model, device, amp=use_amp)
+    """TensorBoard pictures (mixture, mask, vocals) and audio of the first validation songs' separations."""
+    raw_model.eval()
+    mask_fn = inference.model_mask_fn(raw_model, device)
     for i, track in enumerate(valid_tracks[:n_tracks]):
         mixture = np.array(track.mixture[:1, :seconds * dg.SAMPLE_RATE])
         vocals, _, mask = inference.separate(mixture, dg.SAMPLE_RATE, mask_fn, target=args.target, return_mask=True)
@@ -398,25 +306,19 @@ def log_separations(epoch, n_tracks=2, seconds=10):
         if epoch == 0:
             writer.add_audio(f"separation/{i}_mixture", torch.from_numpy(mixture[0] / peak), epoch,
                              sample_rate=dg.SAMPLE_RATE)
-    eval_model.train()
+    raw_model.train()
 
 
 def save(path, epoch, resumable):
-    """last.pth carries what --resume needs (optimiser, trained weights under --ema, RNG states);
-    best_model.pth, the file users keep and share, only the model and its record (40 MB, not 118)."""
+    """Tensors and plain values: best_model.pth the model and its record, last.pth also what --resume needs."""
     extra = {}
     if resumable:
         extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), torch_rng=torch.get_rng_state(),
                      cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-        if args.ema > 0:
-            extra["train_model"] = raw_model.state_dict()
-    save_checkpoint(path, eval_model, dg.SPEC_CONFIG, args.target, args=vars(args), epoch=epoch, step=step,
-                    best_val_loss=best_val_loss, best_val_sdr=best_val_sdr, bad_epochs=bad_epochs, history=history,
-                    dataset=source.describe(), **extra)
+    save_checkpoint(path, raw_model, dg.SPEC_CONFIG, args.target, args=vars(args), epoch=epoch, step=step,
+                    steps_per_epoch=steps_per_epoch, best_val_loss=best_val_loss, best_val_sdr=best_val_sdr,
+                    history=history, dataset=source.describe(), **extra)
 
-
-# -----------------------------------------------------------------------------
-# the loop
 
 writer = None
 if master:
@@ -424,9 +326,7 @@ if master:
     writer = SummaryWriter(str(checkpoint_dir / "logs"))
 from tqdm import tqdm
 
-if start_epoch >= args.epochs:
-    log(f"nothing to do: {last_path} already finished epoch {start_epoch} of --epochs {args.epochs}")
-if not args.resume:
+if checkpoint is None:
     val = validate()
     log(f"before training: validation loss {val['val_loss']:.4f}, SDR {val['val_sdr']:.2f} dB, "
         f"mask mean {val['mask_mean']:.3f} std {val['mask_std']:.3f}")
@@ -437,142 +337,134 @@ if not args.resume:
         log_separations(0)
     logging_seconds = agree(time.time() - t0)
 
-# -----------------------------------------------------------------------------
-# time budget: unless --steps-per-epoch is given, as many steps as fit in --time-budget minutes
-
-
+# time budget: with --time-budget, as many steps per epoch as fit in it
 def seconds_per_step(n_steps=8, n_untimed=2):
-    """Seconds one training step (batch and Adam step) takes here, timed on throwaway copies of
-    the model and optimiser with batches of their own (key 1): the run itself, RNG streams
-    included, is exactly what it would be with the resulting --steps-per-epoch."""
-    torch_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    """Seconds a training step takes here, timed on throwaway copies of the model and optimiser with
+    batches of their own (key 1): the run itself, RNG streams included, is not changed by it. (.item()
+    waits for the step, also on CUDA.)"""
     trial_model = copy.deepcopy(raw_model)
-    trial_optimizer = torch.optim.Adam(trial_model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    trial_optimizer = torch.optim.Adam(trial_model.parameters(), lr=args.lr)
     trial_scaler = torch.amp.GradScaler(device.type, enabled=scaler.is_enabled())
-    for i, batch in enumerate(batch_loader(0, n_untimed + n_steps, key=1)):
-        if i == n_untimed:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.time()
-        train_step(trial_model, trial_optimizer, trial_scaler, *to_spectrograms(*batch)).item()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = (time.time() - t0) / n_steps
-    torch.set_rng_state(torch_rng)
-    if cuda_rng is not None:
-        torch.cuda.set_rng_state(cuda_rng, device)
-    del trial_model, trial_optimizer
-    return seconds
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout's stream stays put
+        for i, batch in enumerate(batch_loader(0, n_untimed + n_steps, key=1)):
+            if i == n_untimed:
+                t0 = time.time()
+            train_step(trial_model, trial_optimizer, trial_scaler, *to_spectrograms(*batch), autocast_dtype).item()
+    return (time.time() - t0) / n_steps
 
 
-BUDGET_MARGIN = 0.03  # of the budget, kept free for what the plan cannot time (saving, the last log lines)
-by_budget = args.steps_per_epoch is None
-if by_budget and checkpoint is not None:  # a resumed run keeps the plan it started with
-    args.steps_per_epoch = checkpoint["args"]["steps_per_epoch"]
-    by_budget = False
-elif by_budget:
+def plan_by_budget():
+    """Steps per epoch that fill --time-budget, from a step and a validation timed here."""
     t0 = time.time()  # validation again, timed without the first call's one-off costs (imports, kernel selection)
     estimate_val_loss()
-    t1 = time.time()
     estimate_val_sdr()
     validation_seconds = agree(time.time() - t0) + logging_seconds  # what each epoch adds to its steps
-    calibration_seconds = len(mask_exponents) * agree(time.time() - t1) if len(mask_exponents) > 1 else 0
     step_seconds = agree(seconds_per_step())
     elapsed = agree(time.time() - launched)
-    left = args.time_budget * 60 * (1 - BUDGET_MARGIN) - elapsed - calibration_seconds
-    args.steps_per_epoch = int((left / args.epochs - validation_seconds) / step_seconds)
-    if args.steps_per_epoch < 1:
+    left = args.time_budget * 60 * (1 - BUDGET_MARGIN) - elapsed
+    steps = int((left / args.epochs - validation_seconds) / step_seconds)
+    if steps < 1:
         fail(f"--time-budget {args.time_budget:g} min is too short here: loading took {elapsed:.0f} s, a training step "
              f"takes {step_seconds:.2f} s and a validation {validation_seconds:.0f} s; give more minutes or fewer --epochs")
-    planned = elapsed + args.epochs * (args.steps_per_epoch * step_seconds + validation_seconds) + calibration_seconds
-    log(f"time budget {args.time_budget:g} min: {step_seconds:.2f} s a step, {validation_seconds:.1f} s a validation, "
-        f"{elapsed:.0f} s so far -> {args.epochs} epochs x {args.steps_per_epoch} steps "
-        f"({args.epochs * args.steps_per_epoch * args.batch_size:,} patches), planned to end after "
-        f"{planned / 60:.1f} min (the same run: --steps-per-epoch {args.steps_per_epoch})")
+    planned = elapsed + args.epochs * (steps * step_seconds + validation_seconds)
+    log(f"plan: {describe_plan(steps)}, sized to --time-budget {args.time_budget:g} min: {step_seconds:.2f} s a step, "
+        f"{validation_seconds:.1f} s a validation, {elapsed:.0f} s so far, planned to end after {planned / 60:.1f} min")
+    return steps
 
-# -----------------------------------------------------------------------------
-# learning-rate schedule
 
-total_steps = args.epochs * args.steps_per_epoch
-warmup_steps = min(args.warmup_steps, total_steps // 5)  # short runs must not spend most steps warming up
+if by_budget:
+    steps_per_epoch = plan_by_budget()
+
+# the loop: linear warm-up, then cosine decay of the learning rate to lr / 10 at the last step
+total_steps = args.epochs * steps_per_epoch
+warmup_steps = min(WARMUP_STEPS, total_steps // 5)  # short runs must not spend most steps warming up
 
 
 def get_lr(it):
-    """Linear warm-up, then cosine decay to lr / 10 at the last planned step."""
-    if args.lr_schedule == "constant":
-        return args.lr
     if it < warmup_steps:
         return args.lr * (it + 1) / warmup_steps
     progress = min(1.0, (it - warmup_steps) / max(1, total_steps - warmup_steps))
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-started = time.time()
 interrupted = False
 
 
 def on_ctrl_c(signum, frame):
-    """First Ctrl-C: stop after the current step. Raising KeyboardInterrupt at whatever bytecode
-    the signal lands on can hit a __del__, where Python prints and swallows it and training goes
-    on; a second Ctrl-C still stops at once."""
+    """First Ctrl-C: stop after the current step (an exception raised wherever the signal lands can hit
+    a __del__, which swallows it); a second Ctrl-C stops at once."""
     global interrupted
     if interrupted:
         raise KeyboardInterrupt
     interrupted = True
 
 
+def train_epoch(epoch, batches):
+    """steps_per_epoch training steps. Returns (mean training loss, last learning rate)."""
+    global step
+    running = 0.0
+    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master,
+               unit="step", leave=False)
+    for _ in bar:
+        lr = get_lr(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = train_step(model, optimizer, scaler, *to_spectrograms(*next(batches)), autocast_dtype).item()
+        step += 1
+        if interrupted:
+            raise KeyboardInterrupt
+        running += loss
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}")
+        if master and step % 10 == 0:  # per-step curve, thinned
+            writer.add_scalar("train/loss_step", loss, step)
+    return running / steps_per_epoch, lr
+
+
+def end_epoch(epoch, train_loss, lr, t0):
+    """Validate, record, log, save last.pth, and best_model.pth when the validation SDR is the best so far
+    (the first epoch always counts: its SDR is nan when no validation song has the target)."""
+    global best_val_loss, best_val_sdr
+    t_val = time.time()
+    val = validate()
+    improved = val["val_sdr"] > best_val_sdr or best_val_sdr == float("-inf")
+    if improved:
+        best_val_loss, best_val_sdr = val["val_loss"], val["val_sdr"]
+    history.append(dict(epoch=epoch + 1, step=step, train_loss=train_loss, **val, lr=lr,
+                        validation_seconds=time.time() - t_val, seconds=time.time() - t0))
+    if master:
+        for tag, value in (("train/loss", train_loss), ("val/loss", val["val_loss"]), ("val/sdr", val["val_sdr"]),
+                           ("val/mask_mean", val["mask_mean"]), ("val/mask_std", val["mask_std"]), ("train/lr", lr)):
+            writer.add_scalar(tag, value, epoch + 1)
+        log_separations(epoch + 1)
+        writer.flush()
+        if improved:
+            save(best_path, epoch + 1, resumable=False)
+        save(last_path, epoch + 1, resumable=True)
+    log(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, val loss {val['val_loss']:.4f}, "
+        f"val SDR {val['val_sdr']:.2f} dB{' (best)' if improved else ''}, mask mean {val['mask_mean']:.3f} "
+        f"std {val['mask_std']:.3f}, lr {lr:.1e}, {time.time() - t0:.0f} s")
+
+
+def check_replicas():
+    """DDP keeps replicas in step by averaging gradients; check that it did."""
+    checksum = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum().reshape(1)
+    gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
+    dist.all_gather(gathered, checksum)
+    log(f"DDP: weights {'identical' if all(torch.equal(g, gathered[0]) for g in gathered) else 'DIFFERENT'} across {world_size} ranks "
+        f"(parameter sums {', '.join(f'{g.item():.6f}' for g in gathered)})")
+
+
+if start_epoch >= args.epochs:
+    log(f"nothing to do: {last_path} already finished epoch {start_epoch} of --epochs {args.epochs}")
 if not ddp:  # under torchrun every rank gets the signal and must not stop at different steps
     signal.signal(signal.SIGINT, on_ctrl_c)
-epoch = start_epoch
+started, epoch = time.time(), start_epoch
 batches = iter(batch_loader(step, total_steps))
 try:
     for epoch in range(start_epoch, args.epochs):
-        model.train()
-        running, t0 = 0.0, time.time()
-        bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master,
-                   unit="step", leave=False)
-        for _ in bar:
-            lr = get_lr(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = train_step(model, optimizer, scaler, *to_spectrograms(*next(batches)))
-            step += 1
-            if interrupted:
-                raise KeyboardInterrupt
-            if args.ema > 0:
-                update_ema()
-            running += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
-            if master and step % 10 == 0:  # per-step curve, thinned
-                writer.add_scalar("train/loss_step", loss.item(), step)
-        train_loss = running / args.steps_per_epoch
-        t_val = time.time()
-        val = validate()
-        val["validation_seconds"] = time.time() - t_val
-        if args.select == "sdr":  # the first epoch always counts: its SDR is nan when no song has the target
-            improved = val["val_sdr"] > best_val_sdr or best_val_sdr == float("-inf")
-        else:
-            improved = val["val_loss"] < best_val_loss
-        bad_epochs = 0 if improved else bad_epochs + 1
-        if improved:
-            best_val_loss, best_val_sdr = val["val_loss"], val["val_sdr"]
-        history.append(dict(epoch=epoch + 1, step=step, train_loss=train_loss, **val, lr=lr, seconds=time.time() - t0))
-        if master:
-            writer.add_scalar("train/loss", train_loss, epoch + 1)
-            writer.add_scalar("val/loss", val["val_loss"], epoch + 1)
-            writer.add_scalar("val/sdr", val["val_sdr"], epoch + 1)
-            writer.add_scalar("val/mask_mean", val["mask_mean"], epoch + 1)
-            writer.add_scalar("val/mask_std", val["mask_std"], epoch + 1)
-            writer.add_scalar("train/lr", lr, epoch + 1)
-            log_separations(epoch + 1)
-            writer.flush()
-            if improved:
-                save(best_path, epoch + 1, resumable=False)
-            save(last_path, epoch + 1, resumable=True)
-        log(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, val loss {val['val_loss']:.4f}, "
-            f"val SDR {val['val_sdr']:.2f} dB{' (best)' if improved else ''}, mask mean {val['mask_mean']:.3f} "
-            f"std {val['mask_std']:.3f}, lr {lr:.1e}, {time.time() - t0:.0f} s")
+        t0 = time.time()
+        train_loss, lr = train_epoch(epoch, batches)
+        end_epoch(epoch, train_loss, lr, t0)
         if interrupted:  # Ctrl-C during validation: this epoch is complete and saved, stop here
             raise KeyboardInterrupt
         if by_budget and epoch + 1 < args.epochs and \
@@ -580,30 +472,16 @@ try:
             log(f"time budget: the next epoch would end after {args.time_budget:g} min (the machine got slower "
                 f"than measured at the start); stopping after epoch {epoch + 1}")
             break
-        if args.patience and bad_epochs >= args.patience:
-            log(f"early stop: no better validation {args.select} for {bad_epochs} epochs")
-            break
 except KeyboardInterrupt:
     log(f"\ninterrupted in epoch {epoch + 1}; the last completed epoch is in {last_path} "
-        f"(continue with --resume), the best model so far in {best_path} (its mask exponent is fitted "
-        f"when a run finishes)")
+        f"(continue with --resume), the best model so far in {best_path}")
     if ddp:
         dist.destroy_process_group()
     sys.exit(130)
-if ddp:  # DDP keeps replicas in step by averaging gradients; check that it did
-    checksum = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum().reshape(1)
-    gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
-    dist.all_gather(gathered, checksum)
-    identical = all(torch.equal(g, gathered[0]) for g in gathered)
-    log(f"DDP: weights {'identical' if identical else 'DIFFERENT'} across {world_size} ranks "
-        f"(parameter sums {', '.join(f'{g.item():.6f}' for g in gathered)})")
-exponent, scores = fit_mask_exponent()
-if len(scores) > 1:
-    log(f"mask exponent for {best_path}: {exponent:g} (validation SDR "
-        + ", ".join(f"{s:.2f} dB at {p:g}" for p, s in scores.items()) + ")")
-log(f"done in {time.time() - started:.0f} s: best by validation {args.select}: SDR {best_val_sdr:.2f} dB with the "
-    f"masks as predicted" + (f", {scores[exponent]:.2f} dB with mask exponent {exponent:g}" if len(scores) > 1 else "")
-    + f", loss {best_val_loss:.4f}; best model {best_path}, last {last_path}, logs {checkpoint_dir / 'logs'}")
+if ddp:
+    check_replicas()
+log(f"done in {time.time() - started:.0f} s: best validation SDR {best_val_sdr:.2f} dB (loss {best_val_loss:.4f}); "
+    f"best model {best_path}, last {last_path}, logs {checkpoint_dir / 'logs'}")
 if writer is not None:
     writer.close()
 if ddp:

@@ -1,0 +1,204 @@
+"""train.py: the plan and the epoch rule, one-line errors, exact resume after kill -9, Ctrl-C,
+the best model, the time budget, TensorBoard, DDP."""
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import data_generator as dg
+from conftest import REPO, assert_one_line_error, run_script
+from unet_model import load_model, read_checkpoint
+
+TINY = ["--synthetic", "--n-songs", "2", "--n-channels", "4", "--batch-size", "2", "--cpu"]
+
+
+def test_epochs_are_passes_over_the_training_audio_and_the_plan_comes_first(tmp_path):
+    """10 synthetic songs of 20 s: 10 x 215 frames = 2,150, at a hop of 64 frames 34 patches, in
+    batches of 1: 34 steps an epoch (above the floor of 32), whatever the machine."""
+    result = run_script("train.py", "--synthetic", "--n-channels", "4", "--batch-size", "1", "--epochs", "2", "--cpu",
+                        "--checkpoint-dir", tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr
+    plan = "plan: 2 epochs x 34 steps of 1 patches (68 patches); an epoch: one pass over 2,150 frames"
+    assert plan in result.stdout
+    assert result.stdout.index(plan) < result.stdout.index("before training")
+    last = read_checkpoint(tmp_path / "last.pth")
+    assert last["steps_per_epoch"] == 34 and last["step"] == 68 and [h["epoch"] for h in last["history"]] == [1, 2]
+    # with two songs one pass is 7 patches: the floor makes it 32 steps
+    plan = run_script("train.py", *TINY, "--epochs", "3", "--time-budget", "0.0001", "--checkpoint-dir", tmp_path / "x")
+    assert_one_line_error(plan, "--time-budget 0.0001 min: loading the data alone took")
+
+
+@pytest.mark.parametrize("flags,message", [(["--batch-size", "0"], "--batch-size must be at least 1"),
+                                           (["--lr", "-0.001"], "--lr must be positive"),
+                                           (["--epochs", "0"], "--epochs must be at least 1"),
+                                           (["--time-budget", "0"], "--time-budget must be positive"),
+                                           (["--resume"], "--resume:"),
+                                           (["--musdb-root", "/nonexistent/musdb"], "no such folder")])
+def test_bad_training_flags(flags, message, tmp_path):
+    result = run_script("train.py", "--synthetic" if "--musdb-root" not in flags else "--cpu", *flags,
+                        "--checkpoint-dir", tmp_path / "ck")
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "ck").exists()
+
+
+def make_wav_dataset(root, names, seconds=3.0, rate=22050):
+    """A tiny MUSDB18-HQ layout: train/<name>/{mixture,drums,bass,other,vocals}.wav."""
+    for i, name in enumerate(names):
+        track = dg.synthetic_track("train", i, rate=rate, seconds=seconds)
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        quarter = track.accompaniment / 3
+        for stem, audio in (("vocals", track.vocals), ("drums", quarter), ("bass", quarter), ("other", quarter),
+                            ("mixture", track.mixture)):
+            sf.write(str(folder / f"{stem}.wav"), audio.T, rate)
+
+
+def test_empty_dataset_and_too_many_songs(tmp_path):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    assert_one_line_error(run_script("train.py", "--musdb-root", tmp_path / "empty", "--checkpoint-dir", tmp_path / "ck"),
+                          "no MUSDB18 tracks")
+    root = tmp_path / "hq"
+    make_wav_dataset(root, ["A - Train One", "B - Train Two", "ANiMAL - Rockshow"])  # the last is in musdb's valid split
+    result = run_script("train.py", "--musdb-root", root, "--n-songs", "50", "--epochs", "1", "--n-channels", "4",
+                        "--batch-size", "2", "--checkpoint-dir", tmp_path / "ck", "--cache-dir", tmp_path / "cache")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "--n-songs 50: only 2 train tracks exist" in result.stdout and "using all 2" in result.stdout
+    assert "MUSDB18-HQ wav" in result.stdout and "2 train, 1 validation" in result.stdout
+    assert "1 epochs x 32 steps" in result.stdout  # two 3 s songs: the floor
+    assert (tmp_path / "ck" / "best_model.pth").exists()
+    assert not any(p.suffix == ".npy" for p in root.rglob("*"))  # nothing written beside the dataset
+
+
+def test_without_ffmpeg_musdb_training_stops_at_once_with_one_line(tmp_path):
+    """musdb cannot even be imported without ffmpeg and ffprobe (also for WAV stems)."""
+    make_wav_dataset(tmp_path / "hq", ["A - Train One"])
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python").symlink_to(sys.executable)
+    result = run_script("train.py", "--musdb-root", tmp_path / "hq", "--checkpoint-dir", tmp_path / "ck",
+                        env={"PATH": str(bare), "HOME": str(tmp_path)}, cwd=tmp_path, timeout=120)
+    assert_one_line_error(result, "ffmpeg and ffprobe not found", "apt-get install ffmpeg")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_a_checkpoint_is_only_tensors_and_plain_values(tmp_path):
+    """Both files load with weights_only=True; best_model.pth is the model and its record only."""
+    result = run_script("train.py", *TINY, "--epochs", "1", "--checkpoint-dir", tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr
+    last, best = read_checkpoint(tmp_path / "last.pth"), read_checkpoint(tmp_path / "best_model.pth")
+    assert {"optimizer", "scaler", "torch_rng", "cuda_rng"} <= set(last) and "optimizer" not in best
+    assert isinstance(last["args"], dict) and last["args"]["epochs"] == 1 and isinstance(last["torch_rng"], torch.Tensor)
+    history = last["history"]
+    assert len(history) == 1 and all(isinstance(v, (int, float, list)) for v in history[0].values())
+    assert len(history[0]["val_sdr_songs"]) == dg.SYNTHETIC_SPLIT_SIZES["valid"]
+    assert history[0]["val_sdr"] == np.median(history[0]["val_sdr_songs"])
+    assert best["epoch"] == 1 and best["best_val_sdr"] == history[0]["val_sdr"]
+
+
+def wait_for(path, process, timeout=300):
+    start = time.time()
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() - start < timeout
+        time.sleep(0.1)
+
+
+def test_kill_9_during_training_then_resume_continues_exactly(tmp_path):
+    """A run killed during epoch 2 and resumed ends with exactly the weights of a run that was
+    never interrupted: model, optimiser, schedule, RNG streams all come back. The resumed part
+    builds its batches in two worker processes: the batches do not depend on that."""
+    flags = [*TINY, "--epochs", "2"]
+    straight, folder = tmp_path / "straight", tmp_path / "killed"
+    assert run_script("train.py", *flags, "--checkpoint-dir", straight, timeout=900).returncode == 0
+    args = [sys.executable, str(REPO / "train.py"), *flags, "--checkpoint-dir", str(folder)]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    wait_for(folder / "last.pth", process)
+    time.sleep(2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    model, checkpoint = load_model(folder / "last.pth")  # whatever moment the kill hit, this loads
+    assert checkpoint["epoch"] == 1, "the kill came after epoch 2 had finished"
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no partial file left
+    result = run_script("train.py", *flags, "--checkpoint-dir", folder, "--resume", "--workers", "2", timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from {folder / 'last.pth'}: epoch 2" in result.stdout
+    final = read_checkpoint(folder / "last.pth")
+    assert final["epoch"] == 2 and [h["epoch"] for h in final["history"]] == [1, 2]
+    a, b = read_checkpoint(straight / "last.pth")["model"], final["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_time_budget_sizes_the_epochs_and_prints_the_plan(tmp_path):
+    result = run_script("train.py", *TINY, "--epochs", "2", "--time-budget", "1.5", "--checkpoint-dir", tmp_path,
+                        timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    match = re.search(r"plan: 2 epochs x (\d+) steps of 2 patches .*sized to --time-budget 1.5 min: ([\d.]+) s a step",
+                      result.stdout)
+    assert match, result.stdout
+    last = read_checkpoint(tmp_path / "last.pth")
+    assert last["steps_per_epoch"] == int(match[1]) >= 1 and last["step"] == 2 * int(match[1])
+
+
+def test_best_model_is_the_epoch_with_the_best_validation_sdr_and_tensorboard_has_it_all(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    result = run_script("train.py", *TINY, "--epochs", "2", "--checkpoint-dir", tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr
+    history = read_checkpoint(tmp_path / "last.pth")["history"]
+    sdrs = [h["val_sdr"] for h in history]
+    assert len(history) == 2 and all(np.isfinite(sdrs))
+    best = read_checkpoint(tmp_path / "best_model.pth")
+    assert best["epoch"] == 1 + int(np.argmax(sdrs)) and best["best_val_sdr"] == max(sdrs)
+    events = EventAccumulator(str(tmp_path / "logs"), size_guidance={"images": 0, "audio": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    for scalar in ("train/loss", "val/loss", "val/sdr", "val/mask_mean", "val/mask_std", "train/lr", "train/loss_step"):
+        assert scalar in tags["scalars"], scalar
+    assert [e.step for e in events.Scalars("val/loss")] == [0, 1, 2]
+    assert {"separation/0", "separation/1"} <= set(tags["images"])
+    assert [e.step for e in events.Images("separation/0")] == [0, 1, 2]
+    assert {"separation/0_vocals", "separation/0_mixture"} <= set(tags["audio"])
+    audio = events.Audio("separation/0_vocals")[-1]
+    assert audio.sample_rate == dg.SAMPLE_RATE and audio.length_frames == 10 * dg.SAMPLE_RATE
+    assert "val loss" in result.stdout and "val SDR" in result.stdout and "mask mean" in result.stdout
+
+
+def test_ctrl_c_stops_cleanly_and_says_where_the_checkpoints_are(tmp_path):
+    folder = tmp_path / "ck"
+    args = [sys.executable, str(REPO / "train.py"), *TINY, "--epochs", "3", "--checkpoint-dir", str(folder)]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    wait_for(folder / "last.pth", process)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130
+    assert "Traceback" not in err
+    assert "interrupted" in out and str(folder / "last.pth") in out and "--resume" in out
+    load_model(folder / "last.pth")
+
+
+def torchrun(*args, timeout=900):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "train.py"), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_ddp_two_processes_keep_identical_weights_and_resume(tmp_path):
+    folder = tmp_path / "ck"
+    result = torchrun(*TINY, "--epochs", "1", "--checkpoint-dir", folder)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "x 2 processes" in out and "DDP: weights identical across 2 ranks" in out
+    assert "1 epochs x 32 steps of 4 patches" in out  # a step takes a batch from each rank
+    assert out.count("epoch 1/1:") == 1  # only rank 0 logs
+    model, _ = load_model(folder / "best_model.pth", expected_spec=dg.SPEC_CONFIG)  # loads without DDP
+    with torch.no_grad():
+        assert model(torch.rand(1, 1, 512, 128)).shape == (1, 1, 512, 128)
+    result = torchrun(*TINY, "--epochs", "2", "--checkpoint-dir", folder, "--resume")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resuming from" in result.stdout and "DDP: weights identical across 2 ranks" in result.stdout
+    assert read_checkpoint(folder / "last.pth")["epoch"] == 2
