@@ -21,6 +21,7 @@ import soundfile as sf
 import torch
 
 import data_generator as dg
+import synthetic
 from unet_model import CheckpointError, UNet, UNetConfig, amp_dtype, load_model, save_checkpoint, train_step
 
 REPO = Path(__file__).resolve().parent
@@ -84,7 +85,7 @@ def make_song(path, seconds):
 
 def write_song(path, seconds, rate=44100, subtype="PCM_16"):
     """A synthetic stereo song of any length, written in blocks (memory stays small)."""
-    block = dg.synthetic_track("test", 1, rate=rate, seconds=30).mixture.T
+    block = synthetic.synthetic_track("test", 1, rate=rate, seconds=30).mixture.T
     with sf.SoundFile(str(path), "w", rate, 2, subtype=subtype) as f:
         remaining = int(seconds * rate)
         while remaining > 0:
@@ -166,7 +167,7 @@ def patches_per_second(model, device, batch_size, next_batch, repeats):
 def bench_training(args, config, results):
     """train.py's step alone (one fixed batch) and with the batches built as train.py builds them."""
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() and not args.cpu else [])
-    tracks = [dg.synthetic_track("train", i) for i in range(10)]
+    tracks = [synthetic.synthetic_track("train", i) for i in range(10)]
     for device in devices:
         torch.manual_seed(0)
         model = UNet(config).to(device, memory_format=torch.channels_last).train()

@@ -275,7 +275,7 @@ def estimate_val_sdr():
             continue
         stems = inference.separate(np.array(track.mixture), dg.SAMPLE_RATE, mask_fn, target=args.target)
         estimate = stems[dg.STEMS.index(args.target)]
-        scores[i] = evaluate.target_sdr(track.stem(args.target), estimate, dg.SAMPLE_RATE)
+        scores[i] = evaluate.target_sdr(getattr(track, args.target), estimate, dg.SAMPLE_RATE)
     if ddp:
         dist.all_reduce(scores)  # every song was scored by exactly one rank
     raw_model.train()

@@ -12,6 +12,7 @@ import soundfile as sf
 import torch
 
 import data_generator as dg
+import synthetic
 from conftest import REPO, assert_one_line_error, run_script
 from unet_model import load_model, read_checkpoint
 
@@ -50,7 +51,7 @@ def test_bad_training_flags(flags, message, tmp_path):
 def make_wav_dataset(root, names, seconds=3.0, rate=22050):
     """A tiny MUSDB18-HQ layout: train/<name>/{mixture,drums,bass,other,vocals}.wav."""
     for i, name in enumerate(names):
-        track = dg.synthetic_track("train", i, rate=rate, seconds=seconds)
+        track = synthetic.synthetic_track("train", i, rate=rate, seconds=seconds)
         folder = root / "train" / name
         folder.mkdir(parents=True)
         quarter = track.accompaniment / 3
@@ -96,7 +97,7 @@ def test_a_checkpoint_is_only_tensors_and_plain_values(tmp_path):
     assert isinstance(last["args"], dict) and last["args"]["epochs"] == 1 and isinstance(last["torch_rng"], torch.Tensor)
     history = last["history"]
     assert len(history) == 1 and all(isinstance(v, (int, float, list)) for v in history[0].values())
-    assert len(history[0]["val_sdr_songs"]) == dg.SYNTHETIC_SPLIT_SIZES["valid"]
+    assert len(history[0]["val_sdr_songs"]) == synthetic.SYNTHETIC_SPLIT_SIZES["valid"]
     assert history[0]["val_sdr"] == np.median(history[0]["val_sdr_songs"])
     assert best["epoch"] == 1 and best["best_val_sdr"] == history[0]["val_sdr"]
 
