@@ -5,14 +5,12 @@ SDR of the MDX challenges (uSDR), so the numbers compare with both eras.
     python evaluate.py --musdb-root ../shared/data/MUSDB18-7 --subset train --split valid --methods model,mix,irm
     python evaluate.py --folder my_tracks/                   # folders holding mixture.wav and vocals.wav
 
-Every track is separated at its own sample rate and channel count through inference.py's
-separator, and scored for vocals and accompaniment. Methods:
-- model: the U-Net checkpoint;
-- mix:   the mixture itself as the estimate of both stems (the floor);
-- irm:   the ideal ratio mask |vocals| / |mixture| at the model's own STFT, applied through the
-         same full-band path (the ceiling of this design).
-Per-track JSON in museval's format goes to --output-dir/<method>/; the summary is the median over
-tracks of the median over 1 s frames of SDR, SIR, SAR and ISR, and the mean over tracks of uSDR.
+Every track is separated at its own rate and channels through inference.py's separator, and
+scored for vocals and accompaniment. Methods: model (the U-Net checkpoint); mix (the mixture as
+the estimate of both stems: the floor); irm (the ideal ratio mask |vocals| / |mixture| at the
+model's own STFT through the same full-band path: the ceiling of this design). Per-track JSON in
+museval's format goes to --output-dir/<method>/; the summary is the median over tracks of the
+median over 1 s frames of SDR, SIR, SAR and ISR, and the mean over tracks of uSDR.
 """
 import argparse
 import functools
@@ -34,8 +32,8 @@ METHODS = ("model", "mix", "irm")
 
 
 def musdb_eval_tracks(root, subset, split, limit=None):
-    """Yield (name, mixture, references, rate) for the tracks of a MUSDB18 folder; audio is
-    (channels, samples) float32, references {'vocals', 'accompaniment'}."""
+    """Yield (name, mixture, {'vocals', 'accompaniment'}, rate) of a MUSDB18 folder's tracks,
+    audio (channels, samples) float32."""
     tracks = dg.musdb_tracks(dg.find_data_source(root), subset, split if subset == "train" else None)
     if not tracks:
         raise dg.DataError(f"{root}: no tracks in subset {subset!r}" + (f", split {split!r}" if subset == "train" else ""))
@@ -77,13 +75,11 @@ def estimate(method, mixture, references, rate, mask_fn, options):
 
 @functools.lru_cache(maxsize=None)
 def museval_metrics():
-    """museval's metrics module (its BSSEval v4), loaded on its own.
-
-    `import museval` runs the package's __init__, which imports musdb (the dataset reader), which
-    imports stempeg, whose cmds module raises RuntimeError at import when ffmpeg or ffprobe is
-    not on PATH. Scoring needs none of that: museval.evaluate is metrics.bss_eval, and
-    museval/metrics.py imports only numpy and scipy. So the file is loaded by itself, and
-    scoring works on machines without ffmpeg (training on the synthetic set, --folder)."""
+    """museval's metrics module (its BSSEval v4), loaded on its own. `import museval` runs the
+    package's __init__, which imports musdb, which imports stempeg, whose cmds module raises
+    RuntimeError at import when ffmpeg or ffprobe is not on PATH. museval.evaluate is
+    metrics.bss_eval, and metrics.py imports only numpy and scipy: loaded by itself, scoring
+    works without ffmpeg (training on the synthetic set, --folder)."""
     package = importlib.util.find_spec("museval")  # finds the package without running its __init__
     if package is None:
         raise dg.DataError("museval not installed, needed to score separations (pip install museval)")
@@ -93,13 +89,17 @@ def museval_metrics():
     return metrics
 
 
+def bss_eval_v4(references, estimates, rate):
+    """museval.evaluate(mode="v4") with 1 s windows and hops on (sources, samples, channels)
+    arrays of one length: (SDR, ISR, SIR, SAR), each (sources, frames)."""
+    return museval_metrics().bss_eval(np.asarray(references, np.float64), np.asarray(estimates, np.float64),
+                                      compute_permutation=False, window=rate, hop=rate, framewise_filters=False,
+                                      bsseval_sources_version=False)[:4]
+
+
 def bss_eval(references, estimates, rate):
-    """museval.evaluate's BSSEval v4 with 1 s windows and hops. references, estimates:
-    {stem: (channels, samples)} of one length. Returns {stem: {metric: [per-frame]}}."""
-    ref = np.stack([references[s].T for s in dg.STEMS]).astype(np.float64)  # (sources, samples, channels)
-    est = np.stack([estimates[s].T for s in dg.STEMS]).astype(np.float64)
-    sdr, isr, sir, sar, _ = museval_metrics().bss_eval(ref, est, compute_permutation=False, window=rate, hop=rate,
-                                                       framewise_filters=False, bsseval_sources_version=False)
+    """BSSEval v4 of both stems, {stem: (channels, samples)} -> {stem: {metric: [per-frame]}}."""
+    sdr, isr, sir, sar = bss_eval_v4(*(np.stack([x[s].T for s in dg.STEMS]) for x in (references, estimates)), rate)
     return {stem: {"SDR": sdr[i].tolist(), "SIR": sir[i].tolist(), "SAR": sar[i].tolist(), "ISR": isr[i].tolist()}
             for i, stem in enumerate(dg.STEMS)}
 
@@ -109,10 +109,7 @@ def target_sdr(reference, estimate, rate):
     samples). v4's SDR depends only on the projection onto the stem's own reference, so scoring
     the stem alone gives the SDR bss_eval gives it among all stems, for less work (what
     train.py validates with)."""
-    ref, est = (np.asarray(x, np.float64).T[None] for x in (reference, estimate))
-    sdr = museval_metrics().bss_eval(ref, est, compute_permutation=False, window=rate, hop=rate,
-                                     framewise_filters=False, bsseval_sources_version=False)[0]
-    return frame_median(sdr[0])
+    return frame_median(bss_eval_v4(np.asarray(reference).T[None], np.asarray(estimate).T[None], rate)[0][0])
 
 
 def global_sdr(reference, estimate, delta=1e-7):
@@ -151,8 +148,7 @@ def summarise(per_track):
             for method, tracks in per_track.items()}
 
 
-def format_table(summary):
-    columns = METRICS + ("uSDR",)
+def format_table(summary, columns=METRICS + ("uSDR",)):
     lines = [f"{'method':8s} {'target':14s} " + " ".join(f"{m:>7s}" for m in columns)]
     for method, stems in summary.items():
         for stem, metrics in stems.items():
@@ -178,10 +174,8 @@ def evaluate(tracks, methods, mask_fn, options, output_dir=None, progress=True):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Score separations of a MUSDB-style set with museval "
-                                     "(BSSEval v4, 1 s windows; median over tracks of median over frames) "
-                                     "and the MDX challenges' global SDR (uSDR, mean over tracks).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=(
+        "Score separations of a MUSDB-style set with museval (BSSEval v4, 1 s windows) and uSDR."))
     parser.add_argument("--checkpoint", default=inference.DEFAULT_CHECKPOINT, help="model to score (method 'model')")
     parser.add_argument("--musdb-root", default=None, help="MUSDB18 folder (stems or HQ wav)")
     parser.add_argument("--subset", default="test", choices=["train", "test"], help="MUSDB18 subset")

@@ -5,18 +5,17 @@ Separate the vocals of songs with a trained U-Net.
     python inference.py --audio a.mp3 b.flac albums/ --output-dir separated/
     python inference.py                             # the first test track of train.py's dataset
 
-This file holds the one separator path of the project (audio -> mask -> stems), which
-train.py (validation), evaluate.py and bench.py import:
+The one separator path of the project (audio -> mask -> stems), which train.py, evaluate.py
+and bench.py import:
 1. the input is resampled to 8192 Hz and cut into 128-frame patches every 64 frames;
 2. the U-Net predicts a mask per patch; overlapping patches are cross-faded into one mask;
-3. that mask is interpolated onto a short-time Fourier transform of the *original* recording
-   (its own rate and channels; above 4096 Hz, where the network sees nothing, the mask is
-   extended by its mean over the top of the band), so the output keeps the full band; the
-   inverse STFT gives the vocals, and the accompaniment is what remains;
-4. by default all of this runs twice, the second time on the input delayed by half a network
-   hop, and the two realigned results are averaged (--shifts).
-Everything runs as a stream over blocks of the file, so memory stays flat for any duration and
-the result does not depend on the block size.
+3. that mask is interpolated onto an STFT of the *original* recording (its own rate and
+   channels; above 4096 Hz, where the network sees nothing, it is extended by its mean over
+   the top of the band); the inverse STFT gives the vocals, the accompaniment is what remains;
+4. all of this runs on copies of the input delayed by fractions of a network hop, and the
+   realigned results are averaged (--shifts).
+It runs as a stream over blocks of the file: memory stays flat for any duration, and the
+result does not depend on the block size.
 """
 import argparse
 import contextlib
@@ -67,15 +66,12 @@ def model_mask_fn(model, device, batch_size=16):
 def oracle_mask_fn(target, mixture):
     """mask_fn that returns the ideal ratio mask of a known target, patch by patch.
     target, mixture: (channels, samples) at 8192 Hz, resampled as the separator resamples."""
-    target_mag = dg.stft(torch.as_tensor(target)).abs()
-    mixture_mag = dg.stft(torch.as_tensor(mixture)).abs()
-    masks = dg.to_patches(dg.oracle_mask(target_mag, mixture_mag), PATCH_HOP)  # (channels, n, 512, 128)
+    magnitudes = (dg.stft(torch.as_tensor(x)).abs() for x in (target, mixture))
+    masks = dg.to_patches(dg.oracle_mask(*magnitudes), PATCH_HOP)  # (channels, n, 512, 128)
 
     def mask_fn(patches, first_patch):
-        out = torch.zeros_like(patches)
         part = masks[:, first_patch:first_patch + patches.shape[1]]
-        out[:, :part.shape[1]] = part
-        return out
+        return torch.nn.functional.pad(part, (0, 0, 0, 0, 0, patches.shape[1] - part.shape[1]))
     return mask_fn
 
 
@@ -105,8 +101,7 @@ class Timeline:
         return self.start + self.data.shape[-1]
 
     def add(self, values, at):
-        """Add values (..., n) from index `at` on, growing the timeline; parts before `start`
-        (already final and forgotten) are dropped."""
+        """Add values (..., n) from index `at` on; parts before `start` (forgotten) are dropped."""
         cut = max(self.start - at, 0)
         values, offset = values[..., cut:], at + cut - self.start
         grow = offset + values.shape[-1] - self.data.shape[-1]
@@ -118,21 +113,20 @@ class Timeline:
         self.data = torch.cat([self.data, values], dim=-1)
 
     def read(self, a, b):
-        """Values a .. b-1, zeros outside what was received (before the start of the file, past its end)."""
-        lo, hi = max(a, self.start), max(min(b, self.end), max(a, self.start))
-        part = self.data[..., lo - self.start:hi - self.start]
-        return torch.nn.functional.pad(part, (lo - a, b - hi))
+        """Values a .. b-1 (none if b < a), zeros outside what was received (before the file's start, past its end)."""
+        b = max(a, b)
+        lo = max(a, self.start)
+        hi = max(min(b, self.end), lo)
+        return torch.nn.functional.pad(self.data[..., lo - self.start:hi - self.start], (lo - a, b - hi))
 
     def forget_before(self, index):
-        """Drop the values before `index` (at most what was received, so later values keep their place)."""
-        index = min(index, self.end)
+        index = min(index, self.end)  # what was not received cannot go: later values keep their place
         if index > self.start:
             self.data, self.start = self.data[..., index - self.start:], index
 
 
 class OverlapAdd:
-    """Weighted sums of overlapping pieces on a fixed grid; sums / weights is final where no
-    later piece reaches."""
+    """Weighted sums of overlapping pieces; sums / weights is final where no later piece reaches."""
 
     def __init__(self, *shape):
         self.sums, self.weights = Timeline(*shape), Timeline()
@@ -144,7 +138,6 @@ class OverlapAdd:
     def take(self, until):
         """The weighted means from the first not yet taken to `until` (exclusive), now final."""
         start = self.sums.start
-        until = max(until, start)
         final = self.sums.read(start, until) / self.weights.read(start, until).clamp(min=1e-8)
         self.sums.forget_before(until)
         self.weights.forget_before(until)
@@ -166,7 +159,7 @@ class StreamingSeparator:
       kept while a later stage still reads it;
     - `next_patch`: the first patch (128 frames, every 64) the network has not seen; `fading`
       (OverlapAdd) cross-fades the patch masks until no later patch reaches a frame, which then
-      moves to `mask` (Timeline, (channels, 512, frames)); `mask_end`: its length once known;
+      moves to `mask` (Timeline, (channels, 512, frames));
     - `next_frame`: the first full-rate STFT frame not yet separated; separated frames are
       overlap-added into `vocals` (OverlapAdd, input rate), whose final samples are returned
       with the accompaniment = mixture - vocals;
@@ -181,26 +174,24 @@ class StreamingSeparator:
         self.window = torch.hann_window(self.n_fft)
         self.mixture, self.low = Timeline(channels), Timeline(channels)
         self.next_patch, self.fading = 0, OverlapAdd(channels, dg.N_BINS)
-        self.mask, self.mask_end = Timeline(channels, dg.N_BINS), None
+        self.mask = Timeline(channels, dg.N_BINS)
         self.next_frame, self.vocals = 0, OverlapAdd(channels)
         self.done = False
 
     def process(self, block):
         block = np.ascontiguousarray(block, dtype=np.float32)
         self.mixture.append(torch.from_numpy(block))
-        self._add_low(block if self.resampler is None else self.resampler.resample_chunk(block.T).T)
-        return self._run()
+        return self._run(block if self.resampler is None else self.resampler.resample_chunk(block.T).T)
 
     def finish(self):
-        if self.resampler is not None:
-            self._add_low(self.resampler.resample_chunk(np.zeros((0, self.low.data.shape[0]), np.float32), last=True).T)
         self.done = True
-        return self._run()
+        channels = self.low.data.shape[0]
+        return self._run(np.zeros((channels, 0), np.float32) if self.resampler is None else
+                         self.resampler.resample_chunk(np.zeros((0, channels), np.float32), last=True).T)
 
-    def _add_low(self, low):
+    def _run(self, low):
+        """Take new 8192 Hz samples through the stages; returns the stems' newly final samples."""
         self.low.append(torch.from_numpy(np.ascontiguousarray(low, dtype=np.float32)))
-
-    def _run(self):
         self._predict_patches()
         parts = [self._emit()]
         while self._separate_next_block():
@@ -220,9 +211,7 @@ class StreamingSeparator:
             elif patch_samples(self.next_patch, count)[1] > self.low.end:
                 break
             self._predict(self.next_patch, count)
-        if self.done:
-            self.mask_end = dg.n_frames(self.low.end)
-        self.mask.append(self.fading.take(self.mask_end if self.done else self.next_patch * PATCH_HOP))
+        self.mask.append(self.fading.take(dg.n_frames(self.low.end) if self.done else self.next_patch * PATCH_HOP))
 
     def _predict(self, first, count):
         segment = self.low.read(*patch_samples(first, count))
@@ -293,7 +282,7 @@ class StreamingSeparator:
         final = self.mixture.end if finished else min(reached, self.mixture.end)
         start = self.vocals.sums.start
         vocals = self.vocals.take(final)
-        accompaniment = self.mixture.read(start, max(final, start)) - vocals
+        accompaniment = self.mixture.read(start, final) - vocals
         self.mixture.forget_before(min(self.vocals.sums.start, reached))
         return vocals.numpy(), accompaniment.numpy()
 
@@ -316,10 +305,7 @@ def full_band_stft_size(rate):
 
 
 def is_5_smooth(n):
-    for p in (2, 3, 5):
-        while n % p == 0:
-            n //= p
-    return n == 1
+    return n == 1 or any(n % p == 0 and is_5_smooth(n // p) for p in (2, 3, 5))
 
 
 def frequency_interpolation(rate, n_fft):
@@ -336,15 +322,10 @@ def frequency_interpolation(rate, n_fft):
 
 def wiener_filter(mask, spec, eps=1e-10):
     """The masked source refined by one pass of the multichannel Wiener filter (as in
-    open-unmix / norbert) over one block.
-
-    The mask and its complement give each of the two sources a power spectral density v_j(f, t)
-    and a spatial covariance R_j(f) (channels x channels, from this block); the source is then
-    v_j R_j (sum_k v_k R_k)^-1 x. For stereo this uses where the voice sits between the
-    speakers, which a per-channel mask cannot. mask: (channels, bins, frames) real;
-    spec: (channels, bins, frames) complex. Returns the masked source's complex spectrogram.
-    """
-    channels = spec.shape[0]
+    open-unmix / norbert) over one block. The mask and its complement give each source a power
+    spectral density v_j(f, t) and a spatial covariance R_j(f) from this block; the source is
+    v_j R_j (sum_k v_k R_k)^-1 x, which uses where the voice sits between stereo speakers.
+    mask: (channels, bins, frames) real; spec: the same, complex. Returns the source's spec."""
     x = spec.permute(1, 2, 0).to(torch.complex128)  # (bins, frames, channels)
     psd, cov = [], []
     for y in (mask.permute(1, 2, 0) * x, (1 - mask.permute(1, 2, 0)) * x):
@@ -352,7 +333,7 @@ def wiener_filter(mask, spec, eps=1e-10):
         psd.append(v)
         cov.append(torch.einsum("ftc,ftd->fcd", y, y.conj()) / (v.sum(dim=1)[:, None, None] + eps))
     mix_cov = sum(v[..., None, None] * r[:, None] for v, r in zip(psd, cov))
-    inverse = torch.linalg.inv(mix_cov + eps * torch.eye(channels, dtype=torch.complex128))
+    inverse = torch.linalg.inv(mix_cov + eps * torch.eye(spec.shape[0], dtype=torch.complex128))
     gain = psd[0][..., None, None] * (cov[0][:, None] @ inverse)
     return (gain @ x[..., None]).squeeze(-1).permute(2, 0, 1).to(spec.dtype)
 
@@ -395,8 +376,6 @@ class ShiftAveragedSeparator:
 def shift_delays(rate, shifts):
     """Input samples by which each of `shifts` copies is delayed: k / shifts of the network's
     hop (768 samples at 8192 Hz), k = 0 .. shifts - 1."""
-    if shifts < 1:
-        raise ValueError(f"shifts must be at least 1, got {shifts}")
     hop = dg.HOP_LENGTH * rate / dg.SAMPLE_RATE
     return [round(k * hop / shifts) for k in range(shifts)]
 
@@ -411,11 +390,9 @@ def make_separator(rate, channels, mask_fn, shifts=DEFAULT_SHIFTS, **options):
     `shifts` of them on frame grids a fraction of a hop apart. mask_fn: one for every copy, or a
     list with one per copy. options (target, wiener) as for StreamingSeparator."""
     mask_fns = list(mask_fn) if isinstance(mask_fn, (list, tuple)) else [mask_fn] * shifts
-    if len(mask_fns) != shifts:
-        raise ValueError(f"{len(mask_fns)} mask functions for {shifts} shifts")
     if shifts == 1:
         return StreamingSeparator(rate, channels, mask_fns[0], **options)
-    return ShiftAveragedSeparator(rate, channels, mask_fns, shift_delays(rate, shifts), **options)
+    return ShiftAveragedSeparator(rate, channels, mask_fns, shift_delays(rate, len(mask_fns)), **options)
 
 
 def separate(audio, rate, mask_fn, target="vocals", return_mask=False, shifts=DEFAULT_SHIFTS, wiener=False):
@@ -494,22 +471,18 @@ def separation_figure(mixture, mask, title=""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     magnitude = dg.stft(torch.as_tensor(mixture)).abs().mean(0).numpy()  # channels averaged for the picture
-    mask = torch.as_tensor(mask).mean(0).numpy()
     frames = min(magnitude.shape[-1], mask.shape[-1])
-    magnitude, mask = magnitude[:, :frames], mask[:, :frames]
-    extent = (0, frames * dg.HOP_LENGTH / dg.SAMPLE_RATE, 0, dg.SAMPLE_RATE / 2)
+    magnitude, mask = magnitude[:, :frames], torch.as_tensor(mask).mean(0).numpy()[:, :frames]
     db = lambda x: 20 * np.log10(x + 1e-5)
     top = db(magnitude).max()
     fig, axes = plt.subplots(3, 1, figsize=(12, 9), sharex=True, constrained_layout=True)
-    panels = [(db(magnitude), "mixture (dB)", "magma", top - 80, top),
-              (mask, "predicted mask", "viridis", 0, 1),
-              (db(magnitude * mask), "vocals = mask x mixture (dB)", "magma", top - 80, top)]
-    for ax, (image, name, cmap, low, high) in zip(axes, panels):
-        im = ax.imshow(image, origin="lower", aspect="auto", extent=extent, cmap=cmap, vmin=low, vmax=high,
-                       interpolation="nearest")
-        ax.set_title(name)
-        ax.set_ylabel("Hz")
-        fig.colorbar(im, ax=ax)
+    for ax, (image, name, cmap, low, high) in zip(axes, [
+            (db(magnitude), "mixture (dB)", "magma", top - 80, top), (mask, "predicted mask", "viridis", 0, 1),
+            (db(magnitude * mask), "vocals = mask x mixture (dB)", "magma", top - 80, top)]):
+        fig.colorbar(ax.imshow(image, origin="lower", aspect="auto", cmap=cmap, vmin=low, vmax=high,
+                               extent=(0, frames * dg.HOP_LENGTH / dg.SAMPLE_RATE, 0, dg.SAMPLE_RATE / 2),
+                               interpolation="nearest"), ax=ax)
+        ax.set(title=name, ylabel="Hz")
     axes[-1].set_xlabel("time (s)")
     fig.suptitle(title)
     return fig
@@ -550,20 +523,18 @@ def output_paths(path, output_dir, template, fmt):
 def check_outputs(outputs, inputs):
     """Refuse outputs that would overwrite an input or each other, or land in a folder that
     cannot be written."""
-    resolved_inputs = {Path(p).resolve() for p in inputs}
     paths = [Path(p) for p in outputs.values()]
     if len({p.resolve() for p in paths}) < len(paths):
         raise dg.DataError(f"--filename gives the same name to both stems ({paths[0]}); include {{stem}}")
     for p in paths:
-        if p.resolve() in resolved_inputs:
+        if p.resolve() in {Path(i).resolve() for i in inputs}:
             raise dg.DataError(f"{p}: output would overwrite an input file; change --output-dir or --filename")
-        folder = p.parent
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            p.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise dg.DataError(f"{folder}: cannot create output folder ({e.strerror})") from None
-        if not os.access(folder, os.W_OK):
-            raise dg.DataError(f"{folder}: output folder is not writable")
+            raise dg.DataError(f"{p.parent}: cannot create output folder ({e.strerror})") from None
+        if not os.access(p.parent, os.W_OK):
+            raise dg.DataError(f"{p.parent}: output folder is not writable")
 
 
 # -----------------------------------------------------------------------------
@@ -585,21 +556,16 @@ def check_separator_args(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        description="Separate vocals and accompaniment with a trained U-Net. Writes "
-                    "<track>_vocals.wav and <track>_accompaniment.wav beside each input "
-                    "(or in --output-dir) at the input's sample rate, channels and length.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--audio", nargs="+", default=None, metavar="PATH",
-                        help="audio files (wav, flac, ogg, mp3, aiff) or folders of them; without it, "
-                             "the first test track of the dataset train.py would use is separated")
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=(
+        "Separate vocals and accompaniment with a trained U-Net. Writes <track>_vocals.wav and "
+        "<track>_accompaniment.wav beside each input (or in --output-dir) at its rate, channels and length."))
+    parser.add_argument("--audio", nargs="+", default=None, metavar="PATH", help="audio files (wav, flac, ogg, "
+                        "mp3, aiff) or folders of them; without it, the first test track of train.py's dataset")
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="trained model from train.py")
     parser.add_argument("--output-dir", default=None, help="where the stems go (default: beside each input; "
                         "outputs/ for a dataset track)")
-    parser.add_argument("--filename", default="{track}_{stem}.{ext}", help="output name template; "
-                        "fields {track}, {stem}, {ext}")
-    parser.add_argument("--format", default="wav", choices=["wav", "flac"], help="output format "
-                        "(wav is 32-bit float, flac 24-bit)")
+    parser.add_argument("--filename", default="{track}_{stem}.{ext}", help="output name; fields {track} {stem} {ext}")
+    parser.add_argument("--format", default="wav", choices=["wav", "flac"], help="wav: 32-bit float; flac: 24-bit")
     parser.add_argument("--n-channels", type=int, default=None, help="accepted for compatibility with the "
                         "original scripts; the checkpoint already knows its width")
     add_separator_args(parser)
@@ -657,37 +623,31 @@ def separate_files(inputs, args, mask_fn, options):
 
 
 def separate_dataset_track(args, mask_fn, options):
-    """The original behaviour: separate the first test track of train.py's dataset, write its
-    mixture and stems to outputs/, and score them against the true stems."""
+    """The original behaviour: separate the first test track of train.py's dataset (MUSDB18
+    folders without a test subset, like the shared previews: the first validation track), write
+    its mixture and stems to outputs/, and score them against the true stems."""
     from evaluate import global_sdr  # evaluate imports this module; at call time both are loaded
     source = dg.find_data_source(args.musdb_root, synthetic=args.synthetic)
-    name, mixture, rate, reference = first_test_track(source)
-    folder = Path(args.output_dir or "outputs")
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"no --audio given: separating {name} from the {source.describe()}")
-    vocals, accompaniment = separate(mixture, rate, mask_fn, **options)
-    for stem, audio in (("mixture", mixture), ("vocals", vocals), ("accompaniment", accompaniment)):
-        path = folder / dg.safe_name(f"{name}_{stem}.wav")
-        dg.atomic_write(path, lambda tmp: sf.write(str(tmp), np.asarray(audio).T, rate, subtype="FLOAT", format="WAV"))
-        print(f"  wrote {path}")
-    for stem, estimate in (("vocals", vocals), ("accompaniment", accompaniment)):
-        print(f"  {stem}: SDR {global_sdr(reference[stem], estimate):.2f} dB over the whole track "
-              f"(the mixture itself scores {global_sdr(reference[stem], mixture):.2f} dB)")
-    return 0
-
-
-def first_test_track(source):
-    """(name, mixture (channels, samples), rate, {'vocals', 'accompaniment'} references) of the
-    first test track; MUSDB18 folders without a test subset (the shared previews) give their
-    first validation track."""
     if source.kind == "synthetic":
         track = dg.load_tracks(source, "test", n_songs=1, progress=False)[0]
-        return track.name, track.mixture, dg.SAMPLE_RATE, {"vocals": track.vocals, "accompaniment": track.accompaniment}
-    tracks = dg.musdb_tracks(source, "test") or dg.musdb_tracks(source, "train", "valid")
-    if not tracks:
-        raise dg.DataError(f"{source.root}: no test or validation tracks")
-    stems = dg.musdb_stems(tracks[0])
-    return tracks[0].name, stems.pop("mixture"), int(tracks[0].rate), stems
+        stems = dict(mixture=track.mixture, vocals=track.vocals, accompaniment=track.accompaniment)
+        name, rate = track.name, dg.SAMPLE_RATE
+    else:
+        tracks = dg.musdb_tracks(source, "test") or dg.musdb_tracks(source, "train", "valid")
+        if not tracks:
+            raise dg.DataError(f"{source.root}: no test or validation tracks")
+        name, rate, stems = tracks[0].name, int(tracks[0].rate), dg.musdb_stems(tracks[0])
+    print(f"no --audio given: separating {name} from the {source.describe()}")
+    estimates = dict(zip(dg.STEMS, separate(stems["mixture"], rate, mask_fn, **options)), mixture=stems["mixture"])
+    for stem, audio in estimates.items():
+        path = Path(args.output_dir or "outputs") / dg.safe_name(f"{name}_{stem}.wav")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dg.atomic_write(path, lambda tmp: sf.write(str(tmp), audio.T, rate, subtype="FLOAT", format="WAV"))
+        print(f"  wrote {path}")
+    for stem in dg.STEMS:
+        print(f"  {stem}: SDR {global_sdr(stems[stem], estimates[stem]):.2f} dB over the whole track "
+              f"(the mixture itself scores {global_sdr(stems[stem], stems['mixture']):.2f} dB)")
+    return 0
 
 
 if __name__ == "__main__":
