@@ -1,41 +1,40 @@
 """
-Score separations with museval (BSSEval v4, 1 s windows), as SiSEC 2018 did.
+Score separations with museval (BSSEval v4, 1 s windows), as SiSEC 2018 did, and with the global
+SDR of the MDX challenges (uSDR), so the numbers compare with both eras.
 
     python evaluate.py --musdb-root ../shared/data/MUSDB18-7 --subset train --split valid --methods model,mix,irm
     python evaluate.py --folder my_tracks/                   # folders holding mixture.wav and vocals.wav
 
-Every track is separated at its own sample rate and channel count through the same separator
-as inference.py, and scored for vocals and accompaniment. Methods:
-- model: the U-Net checkpoint;
-- mix:   the mixture itself as the estimate of both stems (the floor);
-- irm:   the ideal ratio mask |vocals| / |mixture| at the model's own STFT, applied through the
-         same full-band path (the ceiling of this design).
-museval's per-track JSON goes to --output-dir/<method>/; the summary is the median over tracks
-of the median over 1 s frames of SDR, SIR, SAR and ISR.
+Every track is separated at its own rate and channels through inference.py's separator, and
+scored for vocals and accompaniment. Methods: model (the U-Net checkpoint); mix (the mixture as
+the estimate of both stems: the floor); irm (the ideal ratio mask |vocals| / |mixture| at the
+model's own STFT through the same full-band path: the ceiling of this design). Per-track JSON in
+museval's format goes to --output-dir/<method>/; the summary is the median over tracks of the
+median over 1 s frames of SDR, SIR, SAR and ISR, and the mean over tracks of uSDR.
 """
 import argparse
+import functools
+import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 import data_generator as dg
 import inference
-from unet_model import CheckpointError, load_model
+from unet_model import CheckpointError
 
 METRICS = ("SDR", "SIR", "SAR", "ISR")
 METHODS = ("model", "mix", "irm")
 
 
 def musdb_eval_tracks(root, subset, split, limit=None):
-    """Yield (name, mixture, references, rate) for the tracks of a MUSDB18 folder; audio is
-    (channels, samples) float32, references {'vocals', 'accompaniment'}."""
-    source = dg.find_data_source(root)
-    tracks = dg.musdb_tracks(source, subset, split if subset == "train" else None)
+    """Yield (name, mixture, {'vocals', 'accompaniment'}, rate) of a MUSDB18 folder's tracks,
+    audio (channels, samples) float32."""
+    tracks = dg.musdb_tracks(dg.find_data_source(root), subset, split if subset == "train" else None)
     if not tracks:
         raise dg.DataError(f"{root}: no tracks in subset {subset!r}" + (f", split {split!r}" if subset == "train" else ""))
     for track in tracks[:limit]:
@@ -57,10 +56,7 @@ def folder_eval_tracks(folder, limit=None):
         vocals, vocals_rate = dg.load_audio(d / "vocals.wav")
         if vocals_rate != rate or vocals.shape != mixture.shape:
             raise dg.DataError(f"{d}: vocals.wav does not match mixture.wav in rate, channels or length")
-        if (d / "accompaniment.wav").exists():
-            accompaniment, _ = dg.load_audio(d / "accompaniment.wav")
-        else:
-            accompaniment = mixture - vocals
+        accompaniment = dg.load_audio(d / "accompaniment.wav")[0] if (d / "accompaniment.wav").exists() else mixture - vocals
         yield d.name, mixture, {"vocals": vocals, "accompaniment": accompaniment}, rate
 
 
@@ -69,53 +65,72 @@ def estimate(method, mixture, references, rate, mask_fn, options):
     if method == "mix":
         return {"vocals": mixture, "accompaniment": mixture}
     if method == "irm":  # one oracle per shifted copy: each sees the recording delayed by its own amount
-        mask_fn = []
-        for delay in inference.shift_delays(rate, options.get("shifts", inference.DEFAULT_SHIFTS)):
-            low_mixture, low_vocals = (dg.resample(inference.delayed(x, delay), rate, dg.SAMPLE_RATE)
-                                       for x in (mixture, references["vocals"]))
-            mask_fn.append(inference.oracle_mask_fn(low_vocals, low_mixture, options.get("overlap", 0.5)))
-        options = dict(options, target="vocals", mask_channels="each")  # the oracle knows every channel
+        mask_fn = [inference.oracle_mask_fn(*(dg.resample(inference.delayed(x, delay), rate, dg.SAMPLE_RATE)
+                                              for x in (references["vocals"], mixture)))
+                   for delay in inference.shift_delays(rate, options["shifts"])]
+        options = dict(options, target="vocals")
     vocals, accompaniment = inference.separate(mixture, rate, mask_fn, **options)
     return {"vocals": vocals, "accompaniment": accompaniment}
 
 
-def import_museval():
-    """museval, or a DataError naming what is missing (it needs ffmpeg through musdb)."""
-    dg.require_ffmpeg("by museval, which scores separations (it imports musdb)")
-    import museval
-    return museval
+@functools.lru_cache(maxsize=None)
+def museval_metrics():
+    """museval's metrics module (its BSSEval v4), loaded on its own. `import museval` runs the
+    package's __init__, which imports musdb, which imports stempeg, whose cmds module raises
+    RuntimeError at import when ffmpeg or ffprobe is not on PATH. museval.evaluate is
+    metrics.bss_eval, and metrics.py imports only numpy and scipy: loaded by itself, scoring
+    works without ffmpeg (training on the synthetic set, --folder)."""
+    package = importlib.util.find_spec("museval")  # finds the package without running its __init__
+    if package is None:
+        raise dg.DataError("museval not installed, needed to score separations (pip install museval)")
+    spec = importlib.util.spec_from_file_location("museval_metrics", Path(package.origin).parent / "metrics.py")
+    metrics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(metrics)
+    return metrics
+
+
+def bss_eval_v4(references, estimates, rate):
+    """museval.evaluate(mode="v4") with 1 s windows and hops on (sources, samples, channels)
+    arrays of one length: (SDR, ISR, SIR, SAR), each (sources, frames)."""
+    return museval_metrics().bss_eval(np.asarray(references, np.float64), np.asarray(estimates, np.float64),
+                                      compute_permutation=False, window=rate, hop=rate, framewise_filters=False,
+                                      bsseval_sources_version=False)[:4]
 
 
 def bss_eval(references, estimates, rate):
-    """museval's BSSEval v4 with 1 s windows and hops. Returns {stem: {metric: [per-frame]}}."""
-    museval = import_museval()
-    stems = ("vocals", "accompaniment")
-    ref = np.stack([references[s].T for s in stems]).astype(np.float64)  # (sources, samples, channels)
-    est = np.stack([estimates[s].T for s in stems]).astype(np.float64)
-    sdr, isr, sir, sar = museval.evaluate(ref, est, win=rate, hop=rate, mode="v4")
+    """BSSEval v4 of both stems, {stem: (channels, samples)} -> {stem: {metric: [per-frame]}}."""
+    sdr, isr, sir, sar = bss_eval_v4(*(np.stack([x[s].T for s in dg.STEMS]) for x in (references, estimates)), rate)
     return {stem: {"SDR": sdr[i].tolist(), "SIR": sir[i].tolist(), "SAR": sar[i].tolist(), "ISR": isr[i].tolist()}
-            for i, stem in enumerate(stems)}
+            for i, stem in enumerate(dg.STEMS)}
 
 
 def target_sdr(reference, estimate, rate):
     """BSSEval v4 SDR (dB) of one stem, median over 1 s frames. reference, estimate: (channels,
     samples). v4's SDR depends only on the projection onto the stem's own reference, so scoring
-    the stem alone gives the SDR bss_eval gives it among all stems, about five times faster
-    (what train.py validates with after every epoch)."""
-    museval = import_museval()
-    sdr, _, _, _ = museval.evaluate(np.asarray(reference, np.float64).T[None], np.asarray(estimate, np.float64).T[None],
-                                    win=rate, hop=rate, mode="v4")
-    return frame_median(sdr[0])
+    the stem alone gives the SDR bss_eval gives it among all stems, for less work (what
+    train.py validates with)."""
+    return frame_median(bss_eval_v4(np.asarray(reference).T[None], np.asarray(estimate).T[None], rate)[0][0])
 
 
-def save_track_json(scores, name, path):
-    """museval's own per-track JSON format."""
-    museval = import_museval()
-    store = museval.TrackStore(win=1.0, hop=1.0, track_name=name)
-    for stem, values in scores.items():
-        store.add_target(target_name=stem, values=values)
+def global_sdr(reference, estimate, delta=1e-7):
+    """The MDX challenges' SDR (uSDR) in dB: 10 log10(sum s^2 / sum (s - s_hat)^2) over the whole
+    track and all channels; delta keeps silence finite, as in their scorer."""
+    reference, estimate = np.asarray(reference, np.float64), np.asarray(estimate, np.float64)
+    return float(10 * np.log10((np.sum(reference ** 2) + delta) / (np.sum((reference - estimate) ** 2) + delta)))
+
+
+def save_track_json(scores, path):
+    """Per-frame scores in museval's per-track JSON format (what museval.TrackStore writes: 5
+    decimals, infinite values as NaN), so museval's aggregation tools read them."""
+    from importlib.metadata import version
+    q = lambda x: round(x, 5) if np.isfinite(x) else float("nan")
+    targets = [{"name": stem, "frames": [{"time": float(i), "duration": 1.0,
+                                          "metrics": {m: q(values[m][i]) for m in METRICS}}
+                                         for i in range(len(values["SDR"]))]}
+               for stem, values in scores.items()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(store.json)
+    dg.atomic_write(path, lambda tmp: tmp.write_text(
+        json.dumps({"targets": targets, "museval_version": version("museval")}, indent=2)))
 
 
 def frame_median(values):
@@ -126,42 +141,41 @@ def frame_median(values):
 
 
 def summarise(per_track):
-    """{method: {stem: {metric: median over tracks of the per-track frame medians}}}."""
-    summary = {}
-    for method, tracks in per_track.items():
-        summary[method] = {}
-        for stem in ("vocals", "accompaniment"):
-            summary[method][stem] = {m: float(np.nanmedian([t[stem][m] for t in tracks.values()])) for m in METRICS}
-    return summary
+    """{method: {stem: {metric: median over tracks of the per-track frame medians, uSDR: mean over tracks}}}."""
+    return {method: {stem: {**{m: float(np.nanmedian([t[stem][m] for t in tracks.values()])) for m in METRICS},
+                            "uSDR": float(np.mean([t[stem]["uSDR"] for t in tracks.values()]))}
+                     for stem in dg.STEMS}
+            for method, tracks in per_track.items()}
 
 
-def format_table(summary):
-    lines = [f"{'method':8s} {'target':14s} " + " ".join(f"{m:>7s}" for m in METRICS)]
+def format_table(summary, columns=METRICS + ("uSDR",)):
+    lines = [f"{'method':8s} {'target':14s} " + " ".join(f"{m:>7s}" for m in columns)]
     for method, stems in summary.items():
         for stem, metrics in stems.items():
-            lines.append(f"{method.upper():8s} {stem:14s} " + " ".join(f"{metrics[m]:7.2f}" for m in METRICS))
+            lines.append(f"{method.upper():8s} {stem:14s} " + " ".join(f"{metrics[m]:7.2f}" for m in columns))
     return "\n".join(lines)
 
 
 def evaluate(tracks, methods, mask_fn, options, output_dir=None, progress=True):
-    """Score every method on every track. tracks: iterable of (name, mixture, references, rate).
-    Returns (per_track {method: {track: {stem: {metric: frame median}}}}, summary)."""
+    """Score every method on every track. tracks: iterable of (name, mixture, references, rate);
+    options: shifts, wiener, target as for inference.separate.
+    Returns (per_track {method: {track: {stem: {metric: frame median, uSDR}}}}, summary)."""
     per_track = {m: {} for m in methods}
-    for name, mixture, references, rate in tqdm(list(tracks) if progress else tracks, desc="tracks", unit="track",
-                                                disable=not progress):
+    for name, mixture, references, rate in tqdm(tracks, desc="tracks", unit="track", disable=not progress):
         for method in methods:
             estimates = estimate(method, mixture, references, rate, mask_fn, options)
             scores = bss_eval(references, estimates, rate)
             if output_dir is not None:
-                save_track_json(scores, name, Path(output_dir) / method / f"{dg.safe_name(name)}.json")
-            per_track[method][name] = {s: {m: frame_median(v) for m, v in values.items()} for s, values in scores.items()}
+                save_track_json(scores, Path(output_dir) / method / f"{dg.safe_name(name)}.json")
+            per_track[method][name] = {stem: {**{m: frame_median(v) for m, v in values.items()},
+                                              "uSDR": global_sdr(references[stem], estimates[stem])}
+                                       for stem, values in scores.items()}
     return per_track, summarise(per_track)
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Score separations of a MUSDB-style set with museval "
-                                     "(BSSEval v4, 1 s windows; median over tracks of median over frames).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=(
+        "Score separations of a MUSDB-style set with museval (BSSEval v4, 1 s windows) and uSDR."))
     parser.add_argument("--checkpoint", default=inference.DEFAULT_CHECKPOINT, help="model to score (method 'model')")
     parser.add_argument("--musdb-root", default=None, help="MUSDB18 folder (stems or HQ wav)")
     parser.add_argument("--subset", default="test", choices=["train", "test"], help="MUSDB18 subset")
@@ -170,59 +184,36 @@ def main():
                         "vocals.wav (and accompaniment.wav, else mixture - vocals)")
     parser.add_argument("--methods", default="model", help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--tracks", type=int, default=None, help="score only the first N tracks")
-    parser.add_argument("--output-dir", default="outputs/eval", help="museval JSON per method and track, and summary.json")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
-    parser.add_argument("--no-amp", action="store_true", help="full float32 instead of bf16/fp16 autocast")
-    parser.add_argument("--overlap", type=float, default=0.5, help="patch overlap")
-    parser.add_argument("--shifts", type=int, default=inference.DEFAULT_SHIFTS,
-                        help="separations on frame grids 1/shifts of a hop apart, averaged (as inference.py)")
-    parser.add_argument("--wiener", action="store_true", help="multichannel Wiener post-processing")
-    parser.add_argument("--accompaniment", default="residual", choices=["residual", "complement"],
-                        help="accompaniment as mixture minus vocals, or by the complementary mask")
-    parser.add_argument("--extension", default="mean", choices=inference.EXTENSIONS,
-                        help="mask above 4096 Hz: mean of the 3-4 kHz mask, its top bin, or zero (band-limited)")
-    parser.add_argument("--mask-channels", default="each", choices=inference.MASK_CHANNELS,
-                        help="a mask per channel, or one from the channels' mean")
-    parser.add_argument("--mask-exponent", type=float, default=None, help="raise the model's masks to this power "
-                        "(default: the exponent stored in the checkpoint, as inference.py)")
+    parser.add_argument("--output-dir", default="outputs/eval", help="per-track JSON per method, and summary.json")
+    inference.add_separator_args(parser)
     args = parser.parse_args()
-
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        sys.exit(f"error: --methods takes {', '.join(METHODS)}; got {args.methods!r}")
-    if args.shifts < 1:
-        sys.exit(f"error: --shifts must be at least 1, got {args.shifts}")
-    if args.mask_exponent is not None and not args.mask_exponent > 0:
-        sys.exit(f"error: --mask-exponent must be positive, got {args.mask_exponent}")
-    if (args.musdb_root is None) == (args.folder is None):
-        sys.exit("error: give exactly one of --musdb-root or --folder")
     try:
-        import_museval()  # before anything is separated
-        mask_fn = None
-        options = dict(overlap=args.overlap, shifts=args.shifts, wiener=args.wiener,
-                       accompaniment=args.accompaniment, extension=args.extension, mask_channels=args.mask_channels)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if not methods or any(m not in METHODS for m in methods):
+            raise dg.DataError(f"--methods takes {', '.join(METHODS)}; got {args.methods!r}")
+        inference.check_separator_args(args)
+        if (args.musdb_root is None) == (args.folder is None):
+            raise dg.DataError("give exactly one of --musdb-root or --folder")
+        museval_metrics()  # before anything is separated
+        mask_fn, options = None, dict(shifts=args.shifts, wiener=args.wiener)
         if "model" in methods:
-            device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-            model, checkpoint = load_model(args.checkpoint, device, expected_spec=dg.SPEC_CONFIG)
-            exponent = inference.checkpoint_mask_exponent(checkpoint, args.mask_exponent)
-            mask_fn = inference.model_mask_fn(model, device, amp=not args.no_amp, exponent=exponent)
+            mask_fn, checkpoint, line = inference.load_mask_fn(args.checkpoint, args.cpu)
             options["target"] = checkpoint.get("target", "vocals")
-            print(f"model: {args.checkpoint} (n_channels={checkpoint['model_config']['n_channels']}, "
-                  f"target={options['target']}, epoch {checkpoint.get('epoch', '?')}, mask exponent {exponent:g})")
+            print(line)
         tracks = (folder_eval_tracks(args.folder, args.tracks) if args.folder
                   else musdb_eval_tracks(args.musdb_root, args.subset, args.split, args.tracks))
         started = time.time()
         per_track, summary = evaluate(tracks, methods, mask_fn, options, args.output_dir)
     except (dg.DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
-    n = len(next(iter(per_track.values())))
-    print(f"\n{n} tracks, {time.time() - started:.0f} s; median over tracks of median over 1 s frames (dB):")
+    print(f"\n{len(per_track[methods[0]])} tracks, {time.time() - started:.0f} s; median over tracks of median "
+          f"over 1 s frames, uSDR: mean over tracks of the whole-track SDR (dB):")
     print(format_table(summary))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(dict(args=vars(args), summary=summary, per_track=per_track), indent=1))
-    print(f"per-track museval JSON in {out}/<method>/, summary in {out / 'summary.json'}")
+    dg.atomic_write(out / "summary.json", lambda tmp: tmp.write_text(
+        json.dumps(dict(args=vars(args), summary=summary, per_track=per_track), indent=1)))
+    print(f"per-track JSON in {out}/<method>/, summary in {out / 'summary.json'}")
 
 
 if __name__ == "__main__":
