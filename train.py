@@ -299,7 +299,8 @@ def log_separations(epoch, n_tracks=2, seconds=10):
     mask_fn = inference.model_mask_fn(raw_model, device)
     for i, track in enumerate(valid_tracks[:n_tracks]):
         mixture = np.array(track.mixture[:1, :seconds * dg.SAMPLE_RATE])
-        vocals, _, mask = inference.separate(mixture, dg.SAMPLE_RATE, mask_fn, target=args.target, return_mask=True)
+        stems, mask = inference.separate(mixture, dg.SAMPLE_RATE, mask_fn, target=args.target, return_mask=True)
+        vocals = stems[0]
         writer.add_figure(f"separation/{i}", inference.separation_figure(mixture, mask, track.name), epoch)
         peak = max(1.0, float(np.abs(mixture).max()))  # TensorBoard clips audio at +-1
         writer.add_audio(f"separation/{i}_vocals", torch.from_numpy(vocals[0] / peak), epoch, sample_rate=dg.SAMPLE_RATE)

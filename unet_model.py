@@ -87,12 +87,10 @@ class UNet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def amp_dtype(device, enabled=True):
+def amp_dtype(device):
     """The autocast dtype, or None for float32: bf16 on CUDA (fp16 on GPUs without it) and on CPUs with
     native bf16 (AVX512-BF16, AMX), where it is faster; float32 on other CPUs, where bf16 is emulated."""
     device = torch.device(device)
-    if not enabled:
-        return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():

@@ -69,7 +69,7 @@ def test_empty_dataset_and_too_many_songs(tmp_path):
     result = run_script("train.py", "--musdb-root", root, "--n-songs", "50", "--epochs", "1", "--n-channels", "4",
                         "--batch-size", "2", "--checkpoint-dir", tmp_path / "ck", "--cache-dir", tmp_path / "cache")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "--n-songs 50: only 2 train tracks exist" in result.stdout and "using all 2" in result.stdout
+    assert "warning: --n-songs 50: only 2 train tracks exist" in result.stderr and "using all" in result.stderr
     assert "MUSDB18-HQ wav" in result.stdout and "2 train, 1 validation" in result.stdout
     assert "1 epochs x 32 steps" in result.stdout  # two 3 s songs: the floor
     assert (tmp_path / "ck" / "best_model.pth").exists()
