@@ -317,7 +317,7 @@ def find_data_source(musdb_root=None, download=False, synthetic=False, interacti
         download = answer in ("y", "yes")
     if download and download_previews(PREVIEW_DIR):
         return DataSource("musdb", PREVIEW_DIR, False)
-    warn("no MUSDB18 dataset found (see README, 'Using MUSDB18'): using the built-in SYNTHETIC set")
+    warn("no MUSDB18 dataset found (README, Data): using the built-in SYNTHETIC set")
     return DataSource("synthetic")
 
 

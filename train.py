@@ -216,7 +216,7 @@ if master:  # only now that the data is there: a failed start leaves no empty fo
 torch.manual_seed(args.seed)
 if checkpoint is None:
     model_config = UNetConfig(n_channels=args.n_channels)
-# channels-last: oneDNN's convolutions run faster on it (README, speed)
+# channels-last: oneDNN's convolutions run faster on it (RESULTS.md, speed)
 model = UNet(model_config).to(device, memory_format=torch.channels_last)
 optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
 scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)  # bf16 needs no scaling
