@@ -1,14 +1,11 @@
-"""
-Benchmarks for the machine they run on: `python bench.py [--only inference|memory|training]`.
-- inference: seconds to separate a 3-minute 44.1 kHz stereo song end to end with inference.py, next to
-  the floor (start Python, import torch, read the song, write two stems), librosa's REPET-SIM, and
-  three files in one call; memory: peak RSS separating a 10- and a 60-minute file;
-- training: patches per second of train.py's step (unet_model.train_step) alone and with the batches
-  built as train.py builds them (synthetic set), on the CPU and on CUDA when present.
-"""
+"""Benchmarks for the machine they run on, which they name first (CPU features, torch, threads, date):
+`python bench.py [--only inference|memory|training]`. inference: inference.py end to end next to the floor
+(a Python process that imports torch, reads the same file and writes two stems); memory: peak RSS of
+inference.py on a 3- and a 60-minute file; training: patches/s of train.py's step (unet_model.train_step)
+in float32 and with train.py's autocast, alone and with the batches built as train.py builds them."""
 import argparse
+import datetime
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -17,7 +14,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 
 import data_generator as dg
@@ -25,196 +21,149 @@ import synthetic
 from unet_model import CheckpointError, UNet, UNetConfig, amp_dtype, load_model, save_checkpoint, train_step
 
 REPO = Path(__file__).resolve().parent
-MEMORY_MINUTES = (10, 60)  # lengths of the files whose peak memory is measured
+MEMORY_MINUTES = (3, 60)  # lengths of the files whose peak memory is measured
 TRAIN_BATCH = {"cpu": 16, "cuda": 64}  # train.py's default on the CPU; a batch that fills a GPU
-TRAIN_STEPS = 5  # timed steps per round; --repeats rounds, the median is reported
-
-FLOOR = """
-import sys, torch, soundfile as sf
+TRAIN_STEPS = 3  # timed steps per round; --repeats rounds, the median is reported
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides oneDNN's float32 and bf16 speed
+FLOOR = """import sys, torch, soundfile as sf
 audio, rate = sf.read(sys.argv[1], dtype="float32")
 for stem in ("vocals", "accompaniment"):
-    sf.write(f"{sys.argv[2]}/floor_{stem}.wav", audio, rate, subtype="FLOAT")
-"""
-
-# REPET-SIM (Rafii & Pardo 2012) as librosa documents it: the repeating accompaniment is the median of each
-# frame's nearest neighbours (cosine similarity, at least 2 s apart); soft masks split each channel.
-REPET_SIM = """
-import sys, numpy as np, librosa, soundfile as sf
-audio, rate = sf.read(sys.argv[1], dtype="float32", always_2d=True)
-stems = {"vocals": [], "accompaniment": []}
-for channel in audio.T:
-    spec = librosa.stft(channel)
-    magnitude, phase = np.abs(spec), np.exp(1j * np.angle(spec))
-    repeating = librosa.decompose.nn_filter(magnitude, aggregate=np.median, metric="cosine",
-                                            width=int(librosa.time_to_frames(2, sr=rate)))
-    repeating = np.minimum(magnitude, repeating)
-    vocal_mask = librosa.util.softmask(magnitude - repeating, 10 * repeating, power=2)
-    music_mask = librosa.util.softmask(repeating, 2 * (magnitude - repeating), power=2)
-    for stem, mask in (("vocals", vocal_mask), ("accompaniment", music_mask)):
-        stems[stem].append(librosa.istft(mask * magnitude * phase, length=len(channel)))
-for stem, channels in stems.items():
-    sf.write(f"{sys.argv[2]}/repet_{stem}.wav", np.stack(channels, axis=1), rate, subtype="FLOAT")
-"""
+    sf.write(f"{sys.argv[2]}/floor_{stem}.wav", audio, rate, subtype="FLOAT")"""
+# a synthetic 16-bit stereo song of any length, written in blocks by a child (this process does not grow)
+SONG = """import sys, soundfile as sf, soxr, synthetic
+block = soxr.resample(synthetic.synthetic_track("test", 1).mixture.T, synthetic.SAMPLE_RATE, 44100)
+with sf.SoundFile(sys.argv[1], "w", 44100, 2, subtype="PCM_16") as f:  # argv[2]: length in samples
+    for start in range(0, int(sys.argv[2]), len(block)):
+        f.write(block[:int(sys.argv[2]) - start])"""
+# A fresh small process runs the command and prints its peak RSS in KiB: a child started from bench.py
+# itself would count bench.py's pages, which it holds until it starts the new program.
+PEAK_RSS = """import resource, subprocess, sys
+if subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode:
+    sys.exit(1)  # the command's error is on stderr already
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"""
 
 
 def machine():
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{(names or [platform.processor() or platform.machine()])[0]}, {os.cpu_count()} cores, torch {torch.__version__}{gpu}"
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    name = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), "unknown CPU")
+    flags = set(next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), []))
+    features = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FEATURES)
+    gpu = f"\ngpu: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (f"machine: {name}, {os.cpu_count()} cores; {features}\ntorch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; CPU autocast: {str(amp_dtype('cpu') or 'float32').replace('torch.', '')}\n"
+            f"date: {datetime.datetime.now().isoformat(sep=' ', timespec='minutes')}{gpu}")
 
 
-def run_timed(command):
-    """Wall time (s) and peak RSS (MiB) of a child process; one line on stderr if it fails."""
+def run(command):
+    """A child process's stdout and wall time (s); one line on stderr and exit if it fails."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
-    err = process.stderr.read().decode()
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"error: {' '.join(map(str, command[:3]))} failed: {(err.strip().splitlines() or ['?'])[-1]}")
-    return elapsed, usage.ru_maxrss / 1024
-
-
-def make_song(path, seconds):
-    """write_song in a child process: synthesising in this process would inflate its memory,
-    and a child's peak RSS counts the parent's pages it was forked from."""
-    code = f"import bench; from pathlib import Path; bench.write_song(Path({str(path)!r}), {seconds})"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
-
-
-def write_song(path, seconds, rate=44100, subtype="PCM_16"):
-    """A synthetic stereo song of any length, written in blocks (memory stays small)."""
-    block = synthetic.synthetic_track("test", 1, rate=rate, seconds=30).mixture.T
-    with sf.SoundFile(str(path), "w", rate, 2, subtype=subtype) as f:
-        remaining = int(seconds * rate)
-        while remaining > 0:
-            f.write(block[:remaining])
-            remaining -= len(block)
+    done = subprocess.run(command, capture_output=True, cwd=REPO, text=True)
+    if done.returncode != 0:
+        sys.exit(f"error: {' '.join(map(str, command[:3]))} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return done.stdout, time.perf_counter() - start
 
 
 def benchmark_checkpoint(args, workdir):
-    """(path, description, model config) of the model to time: --checkpoint, or a random one of the same size."""
+    """(path, description) of the model to time: --checkpoint, or a random one of the same size."""
     if Path(args.checkpoint).exists():
         try:
-            model, _ = load_model(args.checkpoint)
+            return args.checkpoint, f"{args.checkpoint}, n_channels={load_model(args.checkpoint)[0].config.n_channels}"
         except CheckpointError as e:
             sys.exit(f"error: {e}")
-        return args.checkpoint, f"{args.checkpoint}", model.config
     path = workdir / "random_init.pth"  # the same network and cost as a trained one
     save_checkpoint(path, UNet(UNetConfig()).eval(), dg.SPEC_CONFIG)
-    return path, "random n_channels=16 (no trained checkpoint found; the timing is the same)", UNetConfig()
+    return path, "random, n_channels=16 (no trained checkpoint found; the timing is the same)"
 
 
-def bench_inference(args, workdir, checkpoint, results):
-    song = workdir / "song_3min.wav"
-    make_song(song, args.seconds)
-    out = workdir / "out"
-    out.mkdir(exist_ok=True)
-    separate = [sys.executable, "inference.py", "--audio", str(song), "--checkpoint", str(checkpoint),
-                "--output-dir", str(out)] + (["--cpu"] if args.cpu else [])
-    floor = [sys.executable, "-c", FLOOR, str(song), str(out)]
-    one_pass = separate + ["--shifts", "1"]
-    timings = {"floor": [], "separate": [], "one_pass": []}
-    for _ in range(args.repeats):  # interleaved, so that drifts in machine load hit all alike
-        timings["floor"].append(run_timed(floor)[0])
-        timings["separate"].append(run_timed(separate)[0])
-        timings["one_pass"].append(run_timed(one_pass)[0])
-    timings["repet"] = [run_timed([sys.executable, "-c", REPET_SIM, str(song), str(out)])[0]]
-    floor_s = statistics.median(timings["floor"])
-    for key, what in (("floor", f"floor: start Python, import torch, read, write 2 stems ({args.seconds:.0f} s song)"),
-                      ("separate", "U-Net separation end to end (inference.py, default --shifts)"),
-                      ("one_pass", "the same with --shifts 1 (one pass)"), ("repet", "librosa REPET-SIM, same file")):
-        seconds = statistics.median(timings[key])
-        results.append(("inference", what, f"{seconds:.2f} s",
-                        f"{args.seconds / seconds:.0f}x real time, {seconds / floor_s:.2f}x the floor"))
-    copies = [workdir / f"copy{i}.wav" for i in range(3)]
-    for copy in copies:
-        copy.write_bytes(song.read_bytes())
-    several = run_timed(separate[:3] + [str(c) for c in copies] + separate[4:])[0]
-    results.append(("inference", "3 songs in one call (one start-up)", f"{several:.2f} s", f"{several / 3:.2f} s per song"))
+def separate(args, checkpoint, song, out):
+    return [sys.executable, "inference.py", "--audio", str(song), "--checkpoint", str(checkpoint),
+            "--output-dir", str(out)] + (["--cpu"] if args.cpu else [])
 
 
-def bench_memory(args, workdir, checkpoint, results):
-    out = workdir / "out_long"
-    out.mkdir(exist_ok=True)
+def bench_inference(args, workdir, checkpoint):
+    """inference.py and the floor, each once to warm the caches, then alternately --repeats times."""
+    song, out = workdir / "song.wav", workdir / "out"
+    run([sys.executable, "-c", SONG, song, str(int(args.seconds * 44100))])
+    commands = [separate(args, checkpoint, song, out), [sys.executable, "-c", FLOOR, song, out]]
+    # alternating, so that drifts in machine load hit both alike; the first round warms the caches
+    rounds = [[run(command)[1] for command in commands] for _ in range(args.repeats + 1)]
+    model, floor = (statistics.median(timings) for timings in zip(*rounds[1:]))
+    print(f"| inference | floor: import torch, read, write 2 stems ({args.seconds:g} s song) | {floor:.2f} s | "
+          f"median of {args.repeats}, alternating, after a warm-up run |")
+    print(f"| inference | inference.py end to end (default settings) | {model:.2f} s | {model / floor:.2f}x the floor, "
+          f"{args.seconds / model:.1f}x real time |", flush=True)
+
+
+def bench_memory(args, workdir, checkpoint):
+    """Peak RSS of inference.py separating each of MEMORY_MINUTES, measured by a fresh wrapper process."""
+    out, peaks = workdir / "out", []
     for minutes in MEMORY_MINUTES:
         song = workdir / f"song_{minutes}min.wav"
-        make_song(song, minutes * 60)
-        command = [sys.executable, "inference.py", "--audio", str(song), "--checkpoint", str(checkpoint),
-                   "--output-dir", str(out)] + (["--cpu"] if args.cpu else [])
-        elapsed, rss = run_timed(command)
-        results.append(("memory", f"peak RSS separating a {minutes}-minute 44.1 kHz stereo file", f"{rss:.0f} MiB",
-                        f"{elapsed:.0f} s, {minutes * 60 / elapsed:.0f}x real time"))
+        run([sys.executable, "-c", SONG, song, str(minutes * 60 * 44100)])
+        peaks.append(int(run([sys.executable, "-c", PEAK_RSS, *separate(args, checkpoint, song, out)])[0]) / 1024)
+        print(f"| memory | peak RSS, inference.py on a {minutes}-minute 44.1 kHz stereo file | {peaks[-1]:.0f} MiB | "
+              f"{peaks[-1] / peaks[0]:.2f}x the {MEMORY_MINUTES[0]}-minute file |", flush=True)
         for f in [song, *out.iterdir()]:
             f.unlink()
 
 
-def patches_per_second(model, device, batch_size, next_batch, repeats):
-    """Median over rounds of TRAIN_STEPS train_step calls, on batches from next_batch()."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
-    train_step(model, optimizer, scaler, *next_batch(), amp_dtype(device)).item()  # warm-up: allocator, cuDNN
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(TRAIN_STEPS):
-            train_step(model, optimizer, scaler, *next_batch(), amp_dtype(device)).item()  # .item() waits for it
-        rates.append(TRAIN_STEPS * batch_size / (time.perf_counter() - start))
-    return statistics.median(rates)
+def patches_per_second(steps, batch_size, repeats):
+    """{name: median patches/s}: rounds of TRAIN_STEPS calls of each step function, alternating, after a warm-up."""
+    rates = {name: [] for name in steps}
+    for _ in range(repeats + 1):  # the first round warms up: allocator, oneDNN's kernel choice
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(TRAIN_STEPS):
+                step().item()  # .item() waits for the device
+            rates[name].append(TRAIN_STEPS * batch_size / (time.perf_counter() - start))
+    return {name: statistics.median(r[1:]) for name, r in rates.items()}
 
 
-def bench_training(args, config, results):
-    """train.py's step alone (one fixed batch) and with the batches built as train.py builds them."""
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() and not args.cpu else [])
-    tracks = [synthetic.synthetic_track("train", i) for i in range(10)]
-    for device in devices:
+def bench_training(args, workdir, checkpoint):
+    """train.py's step on one batch (float32, train.py's autocast), and on batches built as train.py does."""
+    config = load_model(checkpoint)[0].config
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")  # as train.py
+    tracks, rng = [synthetic.synthetic_track("train", i) for i in range(10)], np.random.default_rng(0)
+    batch_size, autocast = TRAIN_BATCH[device.type], amp_dtype(device)
+
+    def step(dtype, next_batch):
         torch.manual_seed(0)
-        model = UNet(config).to(device, memory_format=torch.channels_last).train()
-        batch_size, rng = TRAIN_BATCH[device.type], np.random.default_rng(0)
+        model = UNet(config).to(device, memory_format=torch.channels_last).train()  # as train.py
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        return lambda: train_step(model, optimizer, scaler, *next_batch(), dtype)
 
-        def batch():
-            vocals, accompaniment = (torch.from_numpy(a) for a in dg.training_batch(tracks, batch_size, rng))
-            return dg.patch_spectrograms(vocals.to(device), accompaniment.to(device))
+    def batch():  # as train.py's TrainingBatches
+        return dg.patch_spectrograms(*(torch.from_numpy(w).to(device) for w in dg.training_batch(tracks, batch_size, rng)))
 
-        fixed = batch()
-        alone = patches_per_second(model, device, batch_size, lambda: fixed, args.repeats)
-        whole = patches_per_second(model, device, batch_size, batch, args.repeats)
-        dtype = str(amp_dtype(device) or "float32").replace("torch.", "")
-        label = f"batch {batch_size}, n_channels={config.n_channels}, {device.type} ({dtype})"
-        results.append(("training", f"train step alone, {label}", f"{alone:.1f} patches/s", ""))
-        results.append(("training", "whole loop (data: synthetic, 10 songs)", f"{whole:.1f} patches/s",
-                        f"{100 * whole / alone:.0f}% of the step alone"))
+    fixed, used = batch(), str(autocast or "float32").replace("torch.", "")
+    steps = {f"step alone, float32, batch {batch_size}, n_channels={config.n_channels}, {device.type}": step(None, lambda: fixed),
+             f"step alone, autocast {used}": step(autocast, lambda: fixed) if autocast else None,
+             f"step and batches as train.py builds them ({used})": step(autocast, batch)}
+    rates = patches_per_second({name: s for name, s in steps.items() if s}, batch_size, args.repeats)
+    for name, rate in rates.items():
+        print(f"| training | {name} | {rate:.1f} patches/s | {rate / next(iter(rates.values())):.2f}x float32 alone |")
 
 
 def main():
     parser = argparse.ArgumentParser(description="Benchmark inference speed, memory and training throughput.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--only", choices=["inference", "memory", "training"], default=None, help="run one part")
-    parser.add_argument("--checkpoint", default="checkpoints/best_model.pth", help="model to time (default n_channels "
-                        "if missing)")
+    parser.add_argument("--checkpoint", default="checkpoints/best_model.pth", help="model to time (if missing: random)")
     parser.add_argument("--seconds", type=float, default=180, help="length of the inference test song")
-    parser.add_argument("--repeats", type=int, default=3, help="timings to take the median of (inference: runs of "
-                        "each command; training: rounds of a few steps)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs (inference) or rounds of steps (training) per median")
     parser.add_argument("--cpu", action="store_true", help="CPU only, even when CUDA is available")
     args = parser.parse_args()
     if args.repeats < 1 or not args.seconds > 0:
         sys.exit(f"error: --repeats must be at least 1 and --seconds positive, got {args.repeats} and {args.seconds:g}")
-    print(f"machine: {machine()}")
-    results = []
+    print(machine())
     with tempfile.TemporaryDirectory(prefix="unet-bench-") as tmp:
-        workdir = Path(tmp)
-        checkpoint, described, config = benchmark_checkpoint(args, workdir)
-        print(f"checkpoint: {described}")
-        if args.only in (None, "inference"):
-            bench_inference(args, workdir, checkpoint, results)
-        if args.only in (None, "memory"):
-            bench_memory(args, workdir, checkpoint, results)
-        if args.only in (None, "training"):
-            bench_training(args, config, results)
-    print("\n| part | measurement | value | note |\n|---|---|---|---|")
-    for part, what, value, note in results:
-        print(f"| {part} | {what} | {value} | {note} |")
+        checkpoint, described = benchmark_checkpoint(args, Path(tmp))
+        print(f"checkpoint: {described}\n\n| part | measurement | value | note |\n|---|---|---|---|")
+        (Path(tmp) / "out").mkdir()
+        for part, bench in (("inference", bench_inference), ("memory", bench_memory), ("training", bench_training)):
+            if args.only in (None, part):
+                bench(args, Path(tmp), checkpoint)
 
 
 if __name__ == "__main__":

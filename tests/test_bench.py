@@ -1,15 +1,31 @@
-"""bench.py: it times train.py's own step, and a bad checkpoint is one line."""
+"""bench.py: it names the machine, times train.py's own step and inference.py next to the floor, and a bad
+checkpoint is one line. Speed is reported, never asserted."""
 import re
 
 from conftest import assert_one_line_error, run_script
 
 
-def test_training_benchmark_prints_patches_per_second(tiny_checkpoint):
+def test_training_benchmark_names_the_machine_and_prints_patches_per_second(tiny_checkpoint):
     result = run_script("bench.py", "--only", "training", "--checkpoint", tiny_checkpoint, "--repeats", "1", "--cpu")
     assert result.returncode == 0, result.stderr
+    header = result.stdout.split("\n\n")[0]
+    for word in ("machine:", "avx2", "avx512f", "avx512_bf16", "amx_bf16", "torch", "threads", "CPU autocast:", "date:"):
+        assert word in header, header
     rates = re.findall(r"\| training \| (.*?) \| ([\d.]+) patches/s \|", result.stdout)
-    assert [what.split(",")[0] for what, _ in rates] == ["train step alone", "whole loop (data: synthetic"]
-    assert "n_channels=4" in rates[0][0] and all(float(rate) > 0 for _, rate in rates)
+    names = [what.split(",")[0].split(" (")[0] for what, _ in rates]
+    assert names[0] == "step alone" and "float32" in rates[0][0] and "n_channels=4" in rates[0][0]
+    assert names[-1] == "step and batches as train.py builds them" and len(rates) in (2, 3)
+    assert all(float(rate) > 0 for _, rate in rates)
+
+
+def test_inference_benchmark_times_inference_and_the_floor(tiny_checkpoint):
+    result = run_script("bench.py", "--only", "inference", "--checkpoint", tiny_checkpoint, "--seconds", "2",
+                        "--repeats", "1", "--cpu")
+    assert result.returncode == 0, result.stderr
+    floor = re.search(r"\| inference \| floor: .*? \| ([\d.]+) s \|", result.stdout)
+    model = re.search(r"\| inference \| inference.py end to end .*? \| ([\d.]+) s \| ([\d.]+)x the floor", result.stdout)
+    assert floor and model, result.stdout
+    assert abs(float(model[1]) / float(floor[1]) - float(model[2])) < 0.01 + 0.01 * float(model[2])
 
 
 def test_a_bad_checkpoint_is_one_line(tmp_path):
