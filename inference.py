@@ -186,10 +186,6 @@ class MaskStream:
         self.next_patch = first + count
         self.low.forget_before(patch_samples(self.next_patch, 1)[0])
 
-    def has(self, position):
-        """Whether the mask frames around fractional frame `position` are final."""
-        return self.done or int(position.floor()) + 2 <= self.mask.end
-
     def take(self, position):
         """The mask interpolated linearly in time at fractional frames `position` (float64, rising)
         -> (channels, 512, len(position)); frames before the last position are then forgotten."""
@@ -204,22 +200,15 @@ class MaskStream:
 
 
 class StreamingSeparator:
-    """Separates one recording fed in blocks of any size.
+    """Separates one recording fed in blocks of any size: process(block (channels, samples)) and
+    finish() return (vocals, accompaniment), each (channels, k) float32, the samples that became
+    final; together exactly the input's length. mask_fns: one per copy of the input, delayed by
+    `delays` samples (MaskStream). target: what the mask extracts. wiener: refine the masks.
 
-    rate, channels: of the input. mask_fns: one per copy of the input, delayed by `delays`
-    samples (--shifts; see MaskStream): normalised patches (channels, n, 512, 128) and the index of
-    the first -> masks. target: what the mask extracts ('vocals' or 'accompaniment'). wiener:
-    refine the masks with the multichannel Wiener filter.
-    process(block (channels, samples)) and finish() return (vocals, accompaniment), each
-    (channels, k) float32: the samples that became final; together exactly the input's length.
-
-    The input is kept in `mixture` (Timeline) while a later stage reads it. Each full-rate STFT
-    frame is masked with the copies' masks interpolated at its centre and averaged (why: the
-    network's frames overlap by only a quarter, so where they fall matters, and copies whose
-    frames fall a fraction of a hop apart average that out). `next_frame`: the first frame not yet
-    separated; separated frames are overlap-added into `vocals` (OverlapAdd), whose final samples
-    are returned with the accompaniment = mixture - vocals. All state lives on grids fixed by the
-    file's start, so the block sizes cannot change the result.
+    Each full-rate STFT frame of `mixture` is masked with the mean of the copies' masks at its
+    centre (the network's frames overlap by only a quarter, so where they fall matters: copies
+    a fraction of a hop apart average that out); the frames are overlap-added into `vocals`. All
+    state lives on grids fixed by the file's start, so the block sizes cannot change the result.
     """
 
     def __init__(self, rate, channels, mask_fns, delays=(0,), target="vocals", wiener=False):
@@ -260,7 +249,7 @@ class StreamingSeparator:
             if last <= first:
                 return False
         elif ((last - 1) * self.hop + self.n_fft // 2 > self.mixture.end
-              or not all(copy.has(self._mask_position(copy, torch.tensor([last - 1]))) for copy in self.copies)):
+              or any(int(self._mask_position(copy, last - 1)) + 2 > copy.mask.end for copy in self.copies)):
             return False
         start, end = first * self.hop - self.n_fft // 2, (last - 1) * self.hop + self.n_fft // 2
         frames = self.mixture.read(start, end).unfold(-1, self.n_fft, self.hop)  # (channels, frames, n_fft)
@@ -278,14 +267,14 @@ class StreamingSeparator:
         return True
 
     def _mask_position(self, copy, frames):
-        """Fractional frame of a copy's 8192 Hz mask at the centre of full-rate frames (a tensor)."""
-        return (frames.double() * self.hop + copy.delay) * (dg.SAMPLE_RATE / (self.rate * dg.HOP_LENGTH))
+        """Fractional frame of a copy's 8192 Hz mask at the centre of full-rate frames (an int or tensor)."""
+        return (frames * self.hop + copy.delay) * (dg.SAMPLE_RATE / (self.rate * dg.HOP_LENGTH))
 
     def _full_band_mask(self, first, last):
         """The copies' mean 8192 Hz mask, interpolated linearly onto full-rate frames first ..
         last-1 and their bins, and extended above 4096 Hz by its mean over the top of the band.
         Returns (channels, last - first, n_fft // 2 + 1)."""
-        frames = torch.arange(first, last)
+        frames = torch.arange(first, last, dtype=torch.float64)
         m = sum(copy.take(self._mask_position(copy, frames)) for copy in self.copies) / len(self.copies)
         m = m.transpose(1, 2)  # (channels, frames, 512)
         bin_low, bin_high, bin_weight, n_above = self.bins
@@ -541,8 +530,8 @@ def check_outputs(outputs, inputs):
 def add_separator_args(parser):
     """The separator's options, shared by inference.py and evaluate.py (check_separator_args)."""
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
-    parser.add_argument("--shifts", type=int, default=DEFAULT_SHIFTS, help="average this many separations "
-                        "whose frames fall 1/shifts of a hop apart (1: one pass, the fastest)")
+    parser.add_argument("--shifts", type=int, default=DEFAULT_SHIFTS, help="average the masks of this many "
+                        "copies of the input whose frames fall 1/shifts of a hop apart (1: one pass, the fastest)")
     parser.add_argument("--wiener", action="store_true", help="refine the masks with a multichannel "
                         "Wiener filter (uses the stereo image)")
 
