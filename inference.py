@@ -12,8 +12,8 @@ and bench.py import:
 3. that mask is interpolated onto an STFT of the *original* recording (its own rate and
    channels; above 4096 Hz, where the network sees nothing, it is extended by its mean over
    the top of the band); the inverse STFT gives the vocals, the accompaniment is what remains;
-4. all of this runs on copies of the input delayed by fractions of a network hop, and the
-   realigned results are averaged (--shifts).
+4. with --shifts, steps 1-2 run on copies of the input delayed by fractions of a network hop,
+   and their masks, realigned, are averaged before step 3.
 It runs as a stream over blocks of the file: memory stays flat for any duration, and the
 result does not depend on the block size.
 """
@@ -33,10 +33,11 @@ import data_generator as dg
 from unet_model import CheckpointError, amp_dtype, load_model
 
 DEFAULT_CHECKPOINT = "checkpoints/best_model.pth"
-DEFAULT_SHIFTS = 2  # copies on offset frame grids whose stems are averaged (see ShiftAveragedSeparator)
+DEFAULT_SHIFTS = 2  # copies on offset frame grids whose masks are averaged (see StreamingSeparator)
 PATCH_HOP = dg.PATCH_FRAMES // 2  # neighbouring patches overlap by half
 PATCHES_PER_CALL = 16  # patches gathered before the network runs: big batches keep it fast
-FULL_BAND_BLOCK = 128  # full-rate STFT frames separated together (the Wiener statistics are per block)
+FULL_BAND_BLOCK = 512  # full-rate STFT frames separated together: few big tensor operations
+WIENER_FRAMES = 128  # full-rate frames that share the Wiener filter's statistics
 MASK_EXTENSION_BINS = 128  # above 4096 Hz the mask is the mean of its top 128 bins (3-4 kHz)
 READ_SECONDS = 30  # input block length; any value gives the same output
 PLOT_SECONDS = 600  # --plot pictures the first 10 minutes
@@ -144,74 +145,37 @@ class OverlapAdd:
         return final
 
 
-class StreamingSeparator:
-    """Separates one recording fed in blocks of any size.
+class MaskStream:
+    """The 8192 Hz mask of one copy of a recording fed in blocks: the input delayed by `delay`
+    samples (silence in front, for --shifts), resampled to 8192 Hz and cut into 128-frame patches
+    every 64 frames; the network masks each group of patches as soon as its samples have arrived,
+    and `fading` (OverlapAdd) cross-fades the patch masks until no later patch reaches a frame,
+    which then moves to `mask` (Timeline, (channels, 512, frames)) on the copy's frame grid."""
 
-    rate, channels: of the input. mask_fn: normalised patches (channels, n, 512, 128) and the
-    index of the first -> masks. target: what the mask extracts ('vocals' or 'accompaniment').
-    wiener: refine each block with the multichannel Wiener filter.
-    process(block (channels, samples)) and finish() return (vocals, accompaniment), each
-    (channels, k) float32: the samples that became final; together exactly the input's length.
-
-    A block travels through four stages; the state between them lives on grids fixed by the
-    file's start, so the block sizes cannot change the result:
-    - `mixture` (Timeline, input rate) and `low` (Timeline, 8192 Hz): the input as received,
-      kept while a later stage still reads it;
-    - `next_patch`: the first patch (128 frames, every 64) the network has not seen; `fading`
-      (OverlapAdd) cross-fades the patch masks until no later patch reaches a frame, which then
-      moves to `mask` (Timeline, (channels, 512, frames));
-    - `next_frame`: the first full-rate STFT frame not yet separated; separated frames are
-      overlap-added into `vocals` (OverlapAdd, input rate), whose final samples are returned
-      with the accompaniment = mixture - vocals;
-    - `done`: finish() was called, so the input's length is known.
-    """
-
-    def __init__(self, rate, channels, mask_fn, target="vocals", wiener=False):
-        self.rate, self.mask_fn, self.target, self.wiener = rate, mask_fn, target, wiener
+    def __init__(self, rate, channels, mask_fn, delay=0):
+        self.mask_fn, self.delay, self.done = mask_fn, delay, False
         self.resampler = None if rate == dg.SAMPLE_RATE else soxr.ResampleStream(
             rate, dg.SAMPLE_RATE, channels, dtype="float32", quality="HQ")
-        self.n_fft, self.hop = full_band_stft_size(rate)
-        self.window = torch.hann_window(self.n_fft)
-        self.mixture, self.low = Timeline(channels), Timeline(channels)
+        self.low = Timeline(channels)  # the 8192 Hz copy, kept until no later patch reads it
         self.next_patch, self.fading = 0, OverlapAdd(channels, dg.N_BINS)
         self.mask = Timeline(channels, dg.N_BINS)
-        self.next_frame, self.vocals = 0, OverlapAdd(channels)
-        self.done = False
+        self.feed(np.zeros((channels, delay), np.float32))
 
-    def process(self, block):
-        block = np.ascontiguousarray(block, dtype=np.float32)
-        self.mixture.append(torch.from_numpy(block))
-        return self._run(block if self.resampler is None else self.resampler.resample_chunk(block.T).T)
-
-    def finish(self):
-        self.done = True
-        channels = self.low.data.shape[0]
-        return self._run(np.zeros((channels, 0), np.float32) if self.resampler is None else
-                         self.resampler.resample_chunk(np.zeros((0, channels), np.float32), last=True).T)
-
-    def _run(self, low):
-        """Take new 8192 Hz samples through the stages; returns the stems' newly final samples."""
-        self.low.append(torch.from_numpy(np.ascontiguousarray(low, dtype=np.float32)))
-        self._predict_patches()
-        parts = [self._emit()]
-        while self._separate_next_block():
-            parts.append(self._emit())
-        return tuple(np.concatenate([p[i] for p in parts], axis=1) for i in range(2))
-
-    # -- patches -> the cross-faded 8192 Hz mask --------------------------------------------------
-    def _predict_patches(self):
-        """Run the network on every group of patches whose samples have arrived, then finalise
-        the mask frames no later patch reaches."""
-        while True:
-            count = PATCHES_PER_CALL
-            if self.done:
-                count = min(count, dg.n_patches(dg.n_frames(self.low.end), PATCH_HOP) - self.next_patch)
-                if count <= 0:
-                    break
-            elif patch_samples(self.next_patch, count)[1] > self.low.end:
-                break
+    def feed(self, block, last=False):
+        """block: (channels, samples) float32 at the input's rate; last: the input ends with it."""
+        if self.resampler is not None:
+            block = self.resampler.resample_chunk(block.T, last=last).T
+        self.low.append(torch.from_numpy(np.ascontiguousarray(block)))
+        self.done = last
+        while (count := self._patches_ready()) > 0:
             self._predict(self.next_patch, count)
-        self.mask.append(self.fading.take(dg.n_frames(self.low.end) if self.done else self.next_patch * PATCH_HOP))
+        self.mask.append(self.fading.take(dg.n_frames(self.low.end) if last else self.next_patch * PATCH_HOP))
+
+    def _patches_ready(self):
+        """How many patches from next_patch on to predict now (a full group, or the rest at the end)."""
+        if self.done:
+            return min(PATCHES_PER_CALL, dg.n_patches(dg.n_frames(self.low.end), PATCH_HOP) - self.next_patch)
+        return PATCHES_PER_CALL if patch_samples(self.next_patch, PATCHES_PER_CALL)[1] <= self.low.end else 0
 
     def _predict(self, first, count):
         segment = self.low.read(*patch_samples(first, count))
@@ -222,59 +186,108 @@ class StreamingSeparator:
         self.next_patch = first + count
         self.low.forget_before(patch_samples(self.next_patch, 1)[0])
 
-    # -- the mask on the full-rate STFT -> windowed vocal frames ----------------------------------
-    def _separate_next_block(self):
-        """Separate the next block of full-rate frames if its samples and mask have arrived."""
-        first, last = self.next_frame, self.next_frame + FULL_BAND_BLOCK
-        if self.done:
-            last = min(last, self.mixture.end // self.hop + 1)
-            if last <= first:
-                return False
-        elif ((last - 1) * self.hop + self.n_fft // 2 > self.mixture.end
-              or int(self._mask_position(torch.tensor(last - 1)).floor()) + 2 > self.mask.end):
-            return False
-        start, end = first * self.hop - self.n_fft // 2, (last - 1) * self.hop + self.n_fft // 2
-        spec = torch.stft(self.mixture.read(start, end), self.n_fft, self.hop, window=self.window,
-                          center=False, return_complex=True)
-        mask = self._full_band_mask(first, last)
-        estimate = wiener_filter(mask, spec) if self.wiener else mask * spec
-        if self.target == "accompaniment":  # the mask extracted the accompaniment
-            estimate = spec - estimate
-        frames = torch.fft.irfft(estimate, n=self.n_fft, dim=-2) * self.window[:, None]
-        self._overlap_add(frames, start)
-        self.next_frame = last
-        return True
-
-    def _mask_position(self, frames):
-        """Fractional 8192 Hz mask frame at the centre of full-rate frames (a tensor)."""
-        return frames.double() * self.hop * dg.SAMPLE_RATE / (self.rate * dg.HOP_LENGTH)
-
-    def _full_band_mask(self, first, last):
-        """The 8192 Hz mask, interpolated linearly onto full-rate frames first .. last-1 and
-        their bins, and extended above 4096 Hz. Returns (channels, n_fft // 2 + 1, last - first)."""
-        position = self._mask_position(torch.arange(first, last))
+    def take(self, position):
+        """The mask interpolated linearly in time at fractional frames `position` (float64, rising)
+        -> (channels, 512, len(position)); frames before the last position are then forgotten."""
         newest = self.mask.end - 1
         low = position.floor().long().clamp(max=newest)
         high = (low + 1).clamp(max=newest)
         weight = (position - low).clamp(0, 1).float()
         m = self.mask.data
         m = m[..., low - self.mask.start] * (1 - weight) + m[..., high - self.mask.start] * weight
-        bin_low, bin_high, bin_weight, n_above = frequency_interpolation(self.rate, self.n_fft)
-        inside = m[:, bin_low] * (1 - bin_weight[:, None]) + m[:, bin_high] * bin_weight[:, None]
-        above = m[:, -MASK_EXTENSION_BINS:].mean(dim=1, keepdim=True).expand(-1, n_above, -1)
         self.mask.forget_before(int(position[-1].floor()))  # later full-rate frames start there
-        return torch.cat([inside, above], dim=1)
+        return m
+
+
+class StreamingSeparator:
+    """Separates one recording fed in blocks of any size: process(block (channels, samples)) and
+    finish() return (vocals, accompaniment), each (channels, k) float32, the samples that became
+    final; together exactly the input's length. mask_fns: one per copy of the input, delayed by
+    `delays` samples (MaskStream). target: what the mask extracts. wiener: refine the masks.
+
+    Each full-rate STFT frame of `mixture` is masked with the mean of the copies' masks at its
+    centre (the network's frames overlap by only a quarter, so where they fall matters: copies
+    a fraction of a hop apart average that out); the frames are overlap-added into `vocals`. All
+    state lives on grids fixed by the file's start, so the block sizes cannot change the result.
+    """
+
+    def __init__(self, rate, channels, mask_fns, delays=(0,), target="vocals", wiener=False):
+        self.rate, self.target, self.wiener, self.done = rate, target, wiener, False
+        self.copies = [MaskStream(rate, channels, fn, delay) for fn, delay in zip(mask_fns, delays)]
+        self.n_fft, self.hop = full_band_stft_size(rate)
+        self.window = torch.hann_window(self.n_fft)
+        self.bins = frequency_interpolation(rate, self.n_fft)
+        self.mixture = Timeline(channels)
+        self.next_frame, self.vocals = 0, OverlapAdd(channels)
+
+    def process(self, block):
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        self.mixture.append(torch.from_numpy(block))
+        for copy in self.copies:
+            copy.feed(block)
+        return self._run()
+
+    def finish(self):
+        self.done = True
+        for copy in self.copies:
+            copy.feed(np.zeros((self.mixture.data.shape[0], 0), np.float32), last=True)
+        return self._run()
+
+    def _run(self):
+        """Separate every block of frames whose samples and masks have arrived; returns the stems'
+        newly final samples."""
+        parts = [self._emit()]
+        while self._separate_next_block():
+            parts.append(self._emit())
+        return tuple(np.concatenate([p[i] for p in parts], axis=1) for i in range(2))
+
+    def _separate_next_block(self):
+        """Separate the next block of full-rate frames if its samples and masks have arrived."""
+        first, last = self.next_frame, self.next_frame + FULL_BAND_BLOCK
+        if self.done:
+            last = min(last, self.mixture.end // self.hop + 1)
+            if last <= first:
+                return False
+        elif ((last - 1) * self.hop + self.n_fft // 2 > self.mixture.end
+              or any(int(self._mask_position(copy, last - 1)) + 2 > copy.mask.end for copy in self.copies)):
+            return False
+        start, end = first * self.hop - self.n_fft // 2, (last - 1) * self.hop + self.n_fft // 2
+        frames = self.mixture.read(start, end).unfold(-1, self.n_fft, self.hop)  # (channels, frames, n_fft)
+        spec = torch.fft.rfft(frames * self.window, dim=-1)  # frames-major: each FFT reads contiguous memory
+        mask = self._full_band_mask(first, last)
+        if self.wiener:  # the Wiener statistics are per WIENER_FRAMES frames, on the file's grid
+            estimate = torch.cat([wiener_filter(mask[:, i:i + WIENER_FRAMES], spec[:, i:i + WIENER_FRAMES])
+                                  for i in range(0, last - first, WIENER_FRAMES)], dim=1)
+        else:
+            estimate = mask * spec
+        if self.target == "accompaniment":  # the mask extracted the accompaniment
+            estimate = spec - estimate
+        self._overlap_add(torch.fft.irfft(estimate, n=self.n_fft, dim=-1) * self.window, start)
+        self.next_frame = last
+        return True
+
+    def _mask_position(self, copy, frames):
+        """Fractional frame of a copy's 8192 Hz mask at the centre of full-rate frames (an int or tensor)."""
+        return (frames * self.hop + copy.delay) * (dg.SAMPLE_RATE / (self.rate * dg.HOP_LENGTH))
+
+    def _full_band_mask(self, first, last):
+        """The copies' mean 8192 Hz mask, interpolated linearly onto full-rate frames first ..
+        last-1 and their bins, and extended above 4096 Hz by its mean over the top of the band.
+        Returns (channels, last - first, n_fft // 2 + 1)."""
+        frames = torch.arange(first, last, dtype=torch.float64)
+        m = sum(copy.take(self._mask_position(copy, frames)) for copy in self.copies) / len(self.copies)
+        m = m.transpose(1, 2)  # (channels, frames, 512)
+        bin_low, bin_high, bin_weight, n_above = self.bins
+        inside = m[..., bin_low] * (1 - bin_weight) + m[..., bin_high] * bin_weight
+        above = m[..., -MASK_EXTENSION_BINS:].mean(dim=-1, keepdim=True).expand(-1, -1, n_above)
+        return torch.cat([inside, above], dim=-1)
 
     def _overlap_add(self, frames, start):
-        """frames: (channels, n_fft, n) windowed time frames, the first starting at sample
+        """frames: (channels, n, n_fft) windowed time frames, the first starting at sample
         `start`; added to the output sums, weighted by the overlap-added squared window."""
-        n = frames.shape[-1]
-        length = (n - 1) * self.hop + self.n_fft
-        fold = lambda x: torch.nn.functional.fold(x, (1, length), (1, self.n_fft), stride=(1, self.hop))
-        weight = fold(self.window.square()[None, :, None].expand(1, -1, n)).reshape(length)
-        self.vocals.add(fold(frames).reshape(frames.shape[0], length), weight, start)
+        weight = overlap_add_frames(self.window.square().expand(1, frames.shape[1], -1), self.hop)[0]
+        self.vocals.add(overlap_add_frames(frames, self.hop), weight, start)
 
-    # -- final samples out -----------------------------------------------------------------------
     def _emit(self):
         """(vocals, accompaniment) of the samples no later frame reaches."""
         reached = self.next_frame * self.hop - self.n_fft // 2  # where the next frame begins
@@ -304,6 +317,17 @@ def full_band_stft_size(rate):
     return n_fft, n_fft // 4
 
 
+def overlap_add_frames(frames, hop):
+    """(channels, n, n_fft) frames `hop` apart, n_fft a multiple of hop -> their sum (channels,
+    (n - 1) * hop + n_fft): a frame is n_fft // hop pieces of one hop, each added in place."""
+    channels, n, n_fft = frames.shape
+    pieces = frames.reshape(channels, n, n_fft // hop, hop)
+    out = torch.zeros(channels, n - 1 + n_fft // hop, hop)
+    for k in range(n_fft // hop):
+        out[:, k:k + n] += pieces[:, :, k]
+    return out.reshape(channels, -1)
+
+
 def is_5_smooth(n):
     return n == 1 or any(n % p == 0 and is_5_smooth(n // p) for p in (2, 3, 5))
 
@@ -325,52 +349,17 @@ def wiener_filter(mask, spec, eps=1e-10):
     open-unmix / norbert) over one block. The mask and its complement give each source a power
     spectral density v_j(f, t) and a spatial covariance R_j(f) from this block; the source is
     v_j R_j (sum_k v_k R_k)^-1 x, which uses where the voice sits between stereo speakers.
-    mask: (channels, bins, frames) real; spec: the same, complex. Returns the source's spec."""
-    x = spec.permute(1, 2, 0).to(torch.complex128)  # (bins, frames, channels)
+    mask: (channels, frames, bins) real; spec: the same, complex. Returns the source's spec."""
+    x = spec.permute(2, 1, 0).to(torch.complex128)  # (bins, frames, channels)
     psd, cov = [], []
-    for y in (mask.permute(1, 2, 0) * x, (1 - mask.permute(1, 2, 0)) * x):
+    for y in (mask.permute(2, 1, 0) * x, (1 - mask.permute(2, 1, 0)) * x):
         v = y.abs().square().mean(dim=-1)  # (bins, frames)
         psd.append(v)
         cov.append(torch.einsum("ftc,ftd->fcd", y, y.conj()) / (v.sum(dim=1)[:, None, None] + eps))
     mix_cov = sum(v[..., None, None] * r[:, None] for v, r in zip(psd, cov))
     inverse = torch.linalg.inv(mix_cov + eps * torch.eye(spec.shape[0], dtype=torch.complex128))
     gain = psd[0][..., None, None] * (cov[0][:, None] @ inverse)
-    return (gain @ x[..., None]).squeeze(-1).permute(2, 0, 1).to(spec.dtype)
-
-
-class ShiftAveragedSeparator:
-    """StreamingSeparator's interface over one separator per delay, the k-th reading the input
-    delayed by delays[k] samples; their stems are realigned and averaged.
-
-    Why: the network's frames overlap by only a quarter (hop 768 of 1024 samples), so its mask
-    samples time coarsely and where the frames fall matters. Copies whose frames fall a fraction
-    of a hop apart average that out (RESULTS.md has the measurements).
-    mask_fns: one per copy (an oracle mask depends on the delay; a model's does not).
-    """
-
-    def __init__(self, rate, channels, mask_fns, delays, **options):
-        self.separators = [StreamingSeparator(rate, channels, fn, **options) for fn in mask_fns]
-        self.pending = [Timeline(2, channels) for _ in delays]  # each copy's stems, on the input's grid
-        self.emitted = 0  # averaged samples returned so far
-        for separator, pending, delay in zip(self.separators, self.pending, delays):
-            pending.start = -delay  # a copy's first `delay` samples are the zeros put in front
-            pending.append(torch.from_numpy(np.stack(separator.process(np.zeros((channels, delay), np.float32)))))
-
-    def process(self, block):
-        return self._average([separator.process(block) for separator in self.separators])
-
-    def finish(self):
-        return self._average([separator.finish() for separator in self.separators])
-
-    def _average(self, outputs):
-        for pending, stems in zip(self.pending, outputs):
-            pending.append(torch.from_numpy(np.stack(stems)))
-        end = max(self.emitted, min(pending.end for pending in self.pending))  # what every copy has produced
-        stems = torch.stack([pending.read(self.emitted, end) for pending in self.pending]).mean(dim=0)
-        for pending in self.pending:
-            pending.forget_before(end)
-        self.emitted = end
-        return stems[0].numpy(), stems[1].numpy()
+    return (gain @ x[..., None]).squeeze(-1).permute(2, 1, 0).to(spec.dtype)
 
 
 def shift_delays(rate, shifts):
@@ -386,13 +375,11 @@ def delayed(audio, samples):
 
 
 def make_separator(rate, channels, mask_fn, shifts=DEFAULT_SHIFTS, **options):
-    """The separator for one recording: a StreamingSeparator, or with shifts > 1 the average of
-    `shifts` of them on frame grids a fraction of a hop apart. mask_fn: one for every copy, or a
-    list with one per copy. options (target, wiener) as for StreamingSeparator."""
+    """The StreamingSeparator of one recording, averaging the masks of `shifts` copies of the input
+    whose frame grids fall a fraction of a hop apart. mask_fn: one for every copy, or a list with
+    one per copy (an oracle mask depends on the delay; a model's does not). options: target, wiener."""
     mask_fns = list(mask_fn) if isinstance(mask_fn, (list, tuple)) else [mask_fn] * shifts
-    if shifts == 1:
-        return StreamingSeparator(rate, channels, mask_fns[0], **options)
-    return ShiftAveragedSeparator(rate, channels, mask_fns, shift_delays(rate, len(mask_fns)), **options)
+    return StreamingSeparator(rate, channels, mask_fns, shift_delays(rate, len(mask_fns)), **options)
 
 
 def separate(audio, rate, mask_fn, target="vocals", return_mask=False, shifts=DEFAULT_SHIFTS, wiener=False):
@@ -543,8 +530,8 @@ def check_outputs(outputs, inputs):
 def add_separator_args(parser):
     """The separator's options, shared by inference.py and evaluate.py (check_separator_args)."""
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
-    parser.add_argument("--shifts", type=int, default=DEFAULT_SHIFTS, help="average this many separations "
-                        "whose frames fall 1/shifts of a hop apart (1: one pass, the fastest)")
+    parser.add_argument("--shifts", type=int, default=DEFAULT_SHIFTS, help="average the masks of this many "
+                        "copies of the input whose frames fall 1/shifts of a hop apart (1: one pass, the fastest)")
     parser.add_argument("--wiener", action="store_true", help="refine the masks with a multichannel "
                         "Wiener filter (uses the stereo image)")
 

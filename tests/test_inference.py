@@ -54,23 +54,29 @@ def test_streaming_in_small_blocks_equals_one_block(tiny_checkpoint, shifts):
     assert len(calls) > shifts  # the stream did call the network more than once per copy
 
 
-def reference_separation(audio, rate, mask_fn):
-    """The separator written the plain way, on whole arrays, to check the streaming engine."""
-    low = torch.from_numpy(soxr.resample(audio.T, rate, dg.SAMPLE_RATE, quality="HQ").T.copy())
+def reference_separation(audio, rate, mask_fn, shifts=1):
+    """The separator written the plain way, on whole arrays, to check the streaming engine: with
+    shifts, the masks of copies delayed by shift_delays samples, realigned and averaged."""
     hop = dg.PATCH_FRAMES // 2
-    patches = dg.to_patches(dg.stft(low).abs(), hop)
-    frames = dg.n_frames(low.shape[1])
-    mask = dg.from_patches(mask_fn(dg.normalise(patches)[0], 0), hop, frames).numpy()  # (C, 512, frames)
     n_fft, hop_f = inference.full_band_stft_size(rate)
     window = torch.hann_window(n_fft)
     spec = torch.stft(torch.from_numpy(audio), n_fft, hop_f, window=window, center=True, pad_mode="constant",
                       return_complex=True)
     times = np.arange(spec.shape[-1]) * hop_f / rate
+    masks = []  # each copy's mask at the full-rate frames' times, (C, 512, full-rate frames)
+    for delay in inference.shift_delays(rate, shifts):
+        low = soxr.resample(inference.delayed(audio, delay).T, rate, dg.SAMPLE_RATE, quality="HQ")
+        low = torch.from_numpy(low.T.copy())
+        patches = dg.to_patches(dg.stft(low).abs(), hop)
+        frames = dg.n_frames(low.shape[1])
+        mask = dg.from_patches(mask_fn(dg.normalise(patches)[0], 0), hop, frames).numpy()  # (C, 512, frames)
+        at = (times + delay / rate) * dg.SAMPLE_RATE / dg.HOP_LENGTH
+        masks.append([[np.interp(at, np.arange(frames), mask[c, b]) for b in range(512)] for c in range(len(audio))])
+    mean_mask = np.mean(masks, axis=0)
     freqs = np.arange(n_fft // 2 + 1) * rate / n_fft
     full = np.zeros(spec.shape, np.float32)
     for c in range(audio.shape[0]):
-        in_time = np.stack([np.interp(times * dg.SAMPLE_RATE / dg.HOP_LENGTH, np.arange(frames), mask[c, b])
-                            for b in range(512)])  # (512, full-rate frames)
+        in_time = mean_mask[c]  # (512, full-rate frames)
         inside = freqs <= 511 * 8
         for j in range(in_time.shape[1]):
             full[c, inside, j] = np.interp(freqs[inside] / 8, np.arange(512), in_time[:, j])
@@ -90,22 +96,33 @@ def test_streaming_engine_matches_a_plain_whole_array_implementation(tiny_checkp
     assert np.allclose(vocals + accompaniment, audio, atol=1e-6)
 
 
-def test_shifts_average_the_separations_of_delayed_copies(tiny_checkpoint):
-    """shifts=N is the mean of N separations of the input delayed by k/N of the network's hop
-    (768 samples at 8192 Hz: 2067 at 44.1 kHz for N = 2), each realigned to the input."""
+def test_shifts_average_the_masks_of_delayed_copies(tiny_checkpoint):
+    """shifts=N masks the one full-rate STFT with the mean of the masks of N copies of the input
+    delayed by k/N of the network's hop (768 samples at 8192 Hz: 2067 at 44.1 kHz for N = 2),
+    each realigned to the input."""
     assert inference.shift_delays(44100, 2) == [0, 2067]
     assert inference.shift_delays(dg.SAMPLE_RATE, 4) == [0, 192, 384, 576]
-    model, _ = load_model(tiny_checkpoint)
-    mask_fn = inference.model_mask_fn(model, torch.device("cpu"))
+    mask_fn = cpu_mask_fn(tiny_checkpoint)
     rate = 22050
     audio = noise(2, 9.7, rate, seed=6)
     vocals, accompaniment = inference.separate(audio, rate, mask_fn, shifts=3)
-    copies = [inference.separate(inference.delayed(audio, d), rate, mask_fn, shifts=1)[0][:, d:]
-              for d in inference.shift_delays(rate, 3)]
     assert vocals.shape == audio.shape
-    assert np.abs(vocals - np.mean(copies, axis=0)).max() < 1e-6
-    assert np.abs(copies[0] - copies[1]).max() > 1e-3  # the copies do differ: their frames fall elsewhere
+    assert np.abs(vocals - reference_separation(audio, rate, mask_fn, shifts=3)).max() < 1e-4 * np.abs(audio).max()
+    one_pass = inference.separate(audio, rate, mask_fn, shifts=1)[0]
+    assert np.abs(vocals - one_pass).max() > 1e-3  # the copies' masks do differ: their frames fall elsewhere
     assert np.allclose(vocals + accompaniment, audio, atol=1e-6)
+
+
+def test_wiener_statistics_do_not_depend_on_the_block_of_frames_separated_together(tiny_checkpoint, monkeypatch):
+    """The Wiener filter's statistics cover WIENER_FRAMES frames on the file's grid, however many
+    frames the separator transforms at once (FULL_BAND_BLOCK)."""
+    mask_fn = cpu_mask_fn(tiny_checkpoint)
+    audio = noise(2, 30.0, 22050, seed=8)
+    big = inference.separate(audio, 22050, mask_fn, shifts=1, wiener=True)
+    monkeypatch.setattr(inference, "FULL_BAND_BLOCK", inference.WIENER_FRAMES)
+    small = inference.separate(audio, 22050, mask_fn, shifts=1, wiener=True)
+    assert np.abs(big - small).max() < 1e-5
+    assert np.abs(big[0] - inference.separate(audio, 22050, mask_fn, shifts=1)[0]).max() > 1e-3  # Wiener acted
 
 
 def test_no_seams_at_patch_borders():
