@@ -5,8 +5,7 @@ Separate the vocals of songs with a trained U-Net.
     python inference.py --audio a.mp3 b.flac albums/ --output-dir separated/
     python inference.py                             # the first test track of train.py's dataset
 
-The one separator path of the project (audio -> mask -> stems), which train.py, evaluate.py
-and bench.py import:
+The one separator path of the project (audio -> mask -> stems), also used by train.py and evaluate.py:
 1. the input is resampled to 8192 Hz and cut into 128-frame patches every 64 frames;
 2. the U-Net predicts a mask per patch; overlapping patches are cross-faded into one mask;
 3. that mask is interpolated onto an STFT of the *original* recording (its own rate and
@@ -47,9 +46,8 @@ PLOT_SECONDS = 600  # --plot pictures the first 10 minutes
 # mask sources: the U-Net, or the oracle mask for evaluation's reference rows
 
 def model_mask_fn(model, device, batch_size=16):
-    """mask_fn for the separator: normalised patches (channels, n, 512, 128) and the index of
-    the first -> masks of the same shape. Mixed precision where the device runs it natively
-    (unet_model.amp_dtype); batch_size: patches per network call."""
+    """mask_fn for the separator: normalised patches (channels, n, 512, 128) and the index of the first
+    -> masks of the same shape; batch_size patches per network call, mixed precision where the device has it."""
     dtype = amp_dtype(device)
 
     @torch.inference_mode()
@@ -146,11 +144,10 @@ class OverlapAdd:
 
 
 class MaskStream:
-    """The 8192 Hz mask of one copy of a recording fed in blocks: the input delayed by `delay`
-    samples (silence in front, for --shifts), resampled to 8192 Hz and cut into 128-frame patches
-    every 64 frames; the network masks each group of patches as soon as its samples have arrived,
-    and `fading` (OverlapAdd) cross-fades the patch masks until no later patch reaches a frame,
-    which then moves to `mask` (Timeline, (channels, 512, frames)) on the copy's frame grid."""
+    """The 8192 Hz mask of one copy of a recording fed in blocks, delayed by `delay` samples (silence
+    in front, for --shifts). The network masks each group of patches as soon as its samples have arrived;
+    `fading` (OverlapAdd) cross-fades the patch masks until no later patch reaches a frame, which then
+    moves to `mask` (Timeline, (channels, 512, frames)) on the copy's frame grid."""
 
     def __init__(self, rate, channels, mask_fn, delay=0):
         self.mask_fn, self.delay, self.done = mask_fn, delay, False
@@ -200,16 +197,12 @@ class MaskStream:
 
 
 class StreamingSeparator:
-    """Separates one recording fed in blocks of any size: process(block (channels, samples)) and
-    finish() return (vocals, accompaniment), each (channels, k) float32, the samples that became
-    final; together exactly the input's length. mask_fns: one per copy of the input, delayed by
-    `delays` samples (MaskStream). target: what the mask extracts. wiener: refine the masks.
-
-    Each full-rate STFT frame of `mixture` is masked with the mean of the copies' masks at its
-    centre (the network's frames overlap by only a quarter, so where they fall matters: copies
-    a fraction of a hop apart average that out); the frames are overlap-added into `vocals`. All
-    state lives on grids fixed by the file's start, so the block sizes cannot change the result.
-    """
+    """Separates one recording fed in blocks of any size: process(block (channels, samples)) and finish()
+    return (vocals, accompaniment), each (channels, k) float32, the samples that became final; together
+    exactly the input's length. mask_fns: one per copy of the input, delayed by `delays` samples.
+    Each full-rate STFT frame of `mixture` is masked with the copies' mean mask at its centre (the network's
+    frames overlap by only a quarter, so where they fall matters: copies a fraction of a hop apart average
+    that out). State lives on grids fixed by the file's start, so the block sizes cannot change the result."""
 
     def __init__(self, rate, channels, mask_fns, delays=(0,), target="vocals", wiener=False):
         self.rate, self.target, self.wiener, self.done = rate, target, wiener, False
@@ -234,8 +227,7 @@ class StreamingSeparator:
         return self._run()
 
     def _run(self):
-        """Separate every block of frames whose samples and masks have arrived; returns the stems'
-        newly final samples."""
+        """The stems' newly final samples, after separating every block of frames that is ready."""
         parts = [self._emit()]
         while self._separate_next_block():
             parts.append(self._emit())
@@ -262,7 +254,9 @@ class StreamingSeparator:
             estimate = mask * spec
         if self.target == "accompaniment":  # the mask extracted the accompaniment
             estimate = spec - estimate
-        self._overlap_add(torch.fft.irfft(estimate, n=self.n_fft, dim=-1) * self.window, start)
+        frames = torch.fft.irfft(estimate, n=self.n_fft, dim=-1) * self.window  # (channels, frames, n_fft)
+        weight = overlap_add_frames(self.window.square().expand(1, frames.shape[1], -1), self.hop)[0]
+        self.vocals.add(overlap_add_frames(frames, self.hop), weight, start)
         self.next_frame = last
         return True
 
@@ -271,9 +265,8 @@ class StreamingSeparator:
         return (frames * self.hop + copy.delay) * (dg.SAMPLE_RATE / (self.rate * dg.HOP_LENGTH))
 
     def _full_band_mask(self, first, last):
-        """The copies' mean 8192 Hz mask, interpolated linearly onto full-rate frames first ..
-        last-1 and their bins, and extended above 4096 Hz by its mean over the top of the band.
-        Returns (channels, last - first, n_fft // 2 + 1)."""
+        """The copies' mean 8192 Hz mask, interpolated linearly onto full-rate frames first .. last-1 and
+        their bins, above 4096 Hz its mean over the top of the band -> (channels, last - first, n_fft // 2 + 1)."""
         frames = torch.arange(first, last, dtype=torch.float64)
         m = sum(copy.take(self._mask_position(copy, frames)) for copy in self.copies) / len(self.copies)
         m = m.transpose(1, 2)  # (channels, frames, 512)
@@ -281,12 +274,6 @@ class StreamingSeparator:
         inside = m[..., bin_low] * (1 - bin_weight) + m[..., bin_high] * bin_weight
         above = m[..., -MASK_EXTENSION_BINS:].mean(dim=-1, keepdim=True).expand(-1, -1, n_above)
         return torch.cat([inside, above], dim=-1)
-
-    def _overlap_add(self, frames, start):
-        """frames: (channels, n, n_fft) windowed time frames, the first starting at sample
-        `start`; added to the output sums, weighted by the overlap-added squared window."""
-        weight = overlap_add_frames(self.window.square().expand(1, frames.shape[1], -1), self.hop)[0]
-        self.vocals.add(overlap_add_frames(frames, self.hop), weight, start)
 
     def _emit(self):
         """(vocals, accompaniment) of the samples no later frame reaches."""
@@ -308,10 +295,12 @@ def patch_samples(first, count):
 
 
 def full_band_stft_size(rate):
-    """(n_fft, hop) of the STFT applied at the input's own rate: about the 125 ms window of the
-    8192 Hz analysis with 75 % overlap, which reconstructs masked spectrograms better than the
-    paper's 25 %. The size is the nearest multiple of 4 with no prime factor above 5 (at
-    44.1 kHz 5400 rather than 5512 = 2^3 * 13 * 53), for which FFTs are fast."""
+    """(n_fft, hop) of the STFT at the input's own rate: about the 125 ms window of the 8192 Hz analysis, at
+    75 % overlap (it reconstructs masked spectrograms better than the paper's 25 %); the size is the nearest
+    multiple of 4 with no prime factor above 5, for which FFTs are fast (at 44.1 kHz 5400, not 5512 = 2^3*13*53)."""
+    def is_5_smooth(n):
+        return n == 1 or any(n % p == 0 and is_5_smooth(n // p) for p in (2, 3, 5))
+
     target = dg.N_FFT * rate / dg.SAMPLE_RATE
     n_fft = min((n for n in range(4, 2 * int(target) + 8, 4) if is_5_smooth(n)), key=lambda n: abs(n - target))
     return n_fft, n_fft // 4
@@ -328,10 +317,6 @@ def overlap_add_frames(frames, hop):
     return out.reshape(channels, -1)
 
 
-def is_5_smooth(n):
-    return n == 1 or any(n % p == 0 and is_5_smooth(n // p) for p in (2, 3, 5))
-
-
 def frequency_interpolation(rate, n_fft):
     """How each full-rate bin reads the 512-bin mask: (low_index, high_index, weight) for bins
     below 4096 Hz and the number of bins above, which take the extension value."""
@@ -345,11 +330,10 @@ def frequency_interpolation(rate, n_fft):
 
 
 def wiener_filter(mask, spec, eps=1e-10):
-    """The masked source refined by one pass of the multichannel Wiener filter (as in
-    open-unmix / norbert) over one block. The mask and its complement give each source a power
-    spectral density v_j(f, t) and a spatial covariance R_j(f) from this block; the source is
-    v_j R_j (sum_k v_k R_k)^-1 x, which uses where the voice sits between stereo speakers.
-    mask: (channels, frames, bins) real; spec: the same, complex. Returns the source's spec."""
+    """The masked source refined by one pass of the multichannel Wiener filter (as in open-unmix / norbert)
+    over one block. The mask and its complement give each source a power spectral density v_j(f, t) and a
+    spatial covariance R_j(f) from this block; the source is v_j R_j (sum_k v_k R_k)^-1 x, which uses where
+    the voice sits between stereo speakers. mask: (channels, frames, bins) real; spec: the same, complex."""
     x = spec.permute(2, 1, 0).to(torch.complex128)  # (bins, frames, channels)
     psd, cov = [], []
     for y in (mask.permute(2, 1, 0) * x, (1 - mask.permute(2, 1, 0)) * x):
@@ -375,17 +359,15 @@ def delayed(audio, samples):
 
 
 def make_separator(rate, channels, mask_fn, shifts=DEFAULT_SHIFTS, **options):
-    """The StreamingSeparator of one recording, averaging the masks of `shifts` copies of the input
-    whose frame grids fall a fraction of a hop apart. mask_fn: one for every copy, or a list with
-    one per copy (an oracle mask depends on the delay; a model's does not). options: target, wiener."""
+    """The StreamingSeparator of one recording with `shifts` copies of the input (shift_delays). mask_fn: one
+    for every copy, or a list with one per copy (an oracle mask depends on the delay; a model's does not)."""
     mask_fns = list(mask_fn) if isinstance(mask_fn, (list, tuple)) else [mask_fn] * shifts
     return StreamingSeparator(rate, channels, mask_fns, shift_delays(rate, len(mask_fns)), **options)
 
 
 def separate(audio, rate, mask_fn, target="vocals", return_mask=False, shifts=DEFAULT_SHIFTS, wiener=False):
-    """Whole-array separation: audio (channels, samples) -> stems (2, channels, samples) float32,
-    vocals then accompaniment, at the same rate; with return_mask, also the 8192 Hz mask
-    (channels, 512, frames)."""
+    """Whole-array separation: audio (channels, samples) -> stems (2, channels, samples) float32, vocals then
+    accompaniment, at the same rate; with return_mask, also the 8192 Hz mask (channels, 512, frames)."""
     separator = make_separator(rate, audio.shape[0], mask_fn, shifts, target=target, wiener=wiener)
     parts = [separator.process(audio), separator.finish()]
     stems = np.stack([np.concatenate([p[i] for p in parts], axis=1) for i in range(2)])
@@ -407,13 +389,10 @@ def predicted_mask(low, mask_fn):
 # files in, files out
 
 def separate_file(path, outputs, mask_fn, fmt="wav", plot=None, **options):
-    """Stream one audio file through the separator into its two stem files.
-
-    outputs: {'vocals': path, 'accompaniment': path}. Each is written to a temporary file
-    beside it and renamed only once complete, so a failure never leaves a half-written stem or
-    destroys an earlier one. plot: a PNG path for a picture of the first minutes.
-    options: shifts, target, wiener. Returns the input's (rate, channels, frames).
-    """
+    """Stream one audio file through the separator into its two stem files, outputs {'vocals': path,
+    'accompaniment': path}: each is written to a temporary file beside it and renamed only once complete, so a
+    failure never leaves a half-written stem or destroys an earlier one. plot: a PNG path for a picture of the
+    first minutes. options: shifts, target, wiener. Returns the input's (rate, channels, frames)."""
     info = dg.check_audio_file(path)
     temporary = {stem: dg.partial_path(p) for stem, p in outputs.items()}
     try:
@@ -434,8 +413,7 @@ def separate_file(path, outputs, mask_fn, fmt="wav", plot=None, **options):
 
 
 def stream_file(path, info, separator, writers):
-    """Read the file block by block through the separator into the stem writers; returns the
-    frames read. Raises DataError on damaged audio."""
+    """Read the file block by block through the separator into the writers -> frames read; DataError if damaged."""
     def write(stems):
         for stem, part in zip(dg.STEMS, stems):
             writers[stem].write(part.T if writers[stem].subtype == "FLOAT" else np.clip(part.T, -1, 1))
@@ -491,7 +469,8 @@ def expand_inputs(paths):
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in dg.AUDIO_EXTENSIONS and not f.name.startswith("."))
+            found = sorted(f for f in p.iterdir()
+                           if f.suffix.lower() in dg.AUDIO_EXTENSIONS and not f.name.startswith("."))
             if not found:
                 raise dg.DataError(f"{p}: folder holds no audio files ({', '.join(dg.AUDIO_EXTENSIONS)})")
             files.extend(found)
@@ -501,15 +480,13 @@ def expand_inputs(paths):
 
 
 def output_paths(path, output_dir, template, fmt):
-    """{'vocals': Path, 'accompaniment': Path} for one input; template fields: {track} (input
-    name without extension), {stem}, {ext}."""
+    """{'vocals': Path, 'accompaniment': Path} of one input; fields: {track} (name without suffix), {stem}, {ext}."""
     folder = Path(output_dir) if output_dir else Path(path).parent
     return {stem: folder / template.format(track=Path(path).stem, stem=stem, ext=fmt) for stem in dg.STEMS}
 
 
 def check_outputs(outputs, inputs):
-    """Refuse outputs that would overwrite an input or each other, or land in a folder that
-    cannot be written."""
+    """Refuse outputs that would overwrite an input or each other, or whose folder cannot be written."""
     paths = [Path(p) for p in outputs.values()]
     if len({p.resolve() for p in paths}) < len(paths):
         raise dg.DataError(f"--filename gives the same name to both stems ({paths[0]}); include {{stem}}")
@@ -542,7 +519,7 @@ def check_separator_args(args):
         raise dg.DataError(f"--shifts must be at least 1, got {args.shifts}")
 
 
-def build_parser():
+def main():
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=(
         "Separate vocals and accompaniment with a trained U-Net. Writes <track>_vocals.wav and "
         "<track>_accompaniment.wav beside each input (or in --output-dir) at its rate, channels and length."))
@@ -560,11 +537,7 @@ def build_parser():
                         "predicted mask and vocal spectrogram of the first 10 minutes")
     parser.add_argument("--musdb-root", default=None, help="dataset for the no --audio case (as in train.py)")
     parser.add_argument("--synthetic", action="store_true", help="no --audio: use the synthetic set's test song")
-    return parser
-
-
-def main():
-    args = build_parser().parse_args()
+    args = parser.parse_args()
     try:
         check_separator_args(args)
         if "{track}" not in args.filename or "{stem}" not in args.filename:
@@ -583,8 +556,7 @@ def main():
 
 
 def separate_files(inputs, args, mask_fn, options):
-    """Separate each input; a bad file gets its error line on stderr and is skipped, the others
-    are still separated. Returns the exit status: 1 if any failed."""
+    """Separate each input; a bad file gets its error line on stderr and is skipped -> exit status, 1 if any failed."""
     from tqdm import tqdm
     failed, started = 0, time.time()
     for path in tqdm(inputs, desc="files", unit="file", disable=len(inputs) < 2):
@@ -610,9 +582,8 @@ def separate_files(inputs, args, mask_fn, options):
 
 
 def separate_dataset_track(args, mask_fn, options):
-    """The original behaviour: separate the first test track of train.py's dataset (MUSDB18
-    folders without a test subset, like the shared previews: the first validation track), write
-    its mixture and stems to outputs/, and score them against the true stems."""
+    """The original behaviour: separate the first test track of train.py's dataset (the first validation track if
+    there is none, as in the shared previews), write its mixture and stems to outputs/, score them against the truth."""
     from evaluate import global_sdr  # evaluate imports this module; at call time both are loaded
     source = dg.find_data_source(args.musdb_root, synthetic=args.synthetic)
     if source.kind == "synthetic":
