@@ -1,5 +1,4 @@
-"""
-Audio -> tensors for the U-Net singing-voice separator (Jansson et al., ISMIR 2017), shared by the
+"""Audio -> tensors for the U-Net singing-voice separator (Jansson et al., ISMIR 2017), shared by the
 scripts: audio files; the paper's STFT in patches; normalisation and the oracle mask; the datasets
 (MUSDB18 decoded once and cached, its previews, synthetic.py's set); training batches of random
 remixes. musdb refuses to import without ffmpeg, so only the functions that decode MUSDB18 import
@@ -77,8 +76,7 @@ def check_audio_file(path):
         info = sf.info(str(path))
     if info.frames == 0:
         raise DataError(f"{path}: contains no audio samples")
-    cut = wav_truncation(path)
-    if cut is not None:
+    if (cut := wav_truncation(path)) is not None:
         raise DataError(f"{path}: truncated WAV file (its header promises {cut[0]:,} bytes of audio, "
                         f"the file holds {cut[1]:,})")
     return info
@@ -242,9 +240,8 @@ def from_patches(patches, hop, frames):
 
 
 def normalise(mixture_mag, *others):
-    """Divide magnitudes (..., 512, 128) by the mixture patch's mean over frames with sound, so that
-    the mask does not depend on loudness, nor on zeros padding a short clip; targets share the
-    mixture's scale so that the L1,1 loss compares like with like. Returns the scaled tensors."""
+    """Divide magnitudes (..., 512, 128) by the mixture patch's mean over frames with sound, so that the mask
+    ignores loudness and zeros padding a short clip; targets share the mixture's scale for the L1,1 loss."""
     sounding = (mixture_mag.amax(dim=-2, keepdim=True) > 0).sum(dim=-1, keepdim=True).clamp(min=1)
     scale = mixture_mag.sum(dim=(-2, -1), keepdim=True) / (mixture_mag.shape[-2] * sounding) + EPS
     return tuple(m / scale for m in (mixture_mag,) + others)
@@ -322,8 +319,7 @@ def find_data_source(musdb_root=None, download=False, synthetic=False, interacti
 
 
 def download_previews(root):
-    """Download MUSDB18's 7-second previews with musdb. True on success; on failure it warns in
-    one line and removes what it created."""
+    """Download MUSDB18's 7-second previews with musdb: True on success; on failure, warn and remove what it made."""
     import musdb
     root, old_timeout, existed = Path(root), socket.getdefaulttimeout(), Path(root).exists()
     socket.setdefaulttimeout(30)  # a dead network fails in seconds, not minutes
@@ -357,8 +353,7 @@ def require_ffmpeg(why):
 
 
 def cached_musdb_track(mtrack, cache_dir):
-    """A Track of (2, samples) stems at SAMPLE_RATE, decoded and resampled once, then memory-mapped
-    from cache_dir."""
+    """A Track of (2, samples) stems at SAMPLE_RATE, decoded and resampled once, then memory-mapped from cache_dir."""
     path = Path(mtrack.path)
     stat = path.stat()  # the key changes whenever the file or the settings change
     key = "|".join(map(str, (path.resolve(), stat.st_size, stat.st_mtime_ns, SAMPLE_RATE, "soxr-HQ", "v1")))
@@ -409,8 +404,7 @@ def load_tracks(source, split, n_songs=None, cache_dir=DEFAULT_CACHE_DIR, seed=0
     """Tracks of 'train', 'valid' (musdb's split of its train subset) or 'test', stems (2, samples)
     at SAMPLE_RATE; n_songs: the first so many (all, with a warning, if fewer exist)."""
     if source.kind == "synthetic":
-        # imported here: synthetic.py imports this module, so the dependency runs one way
-        from synthetic import SYNTHETIC_SPLIT_SIZES, synthetic_track
+        from synthetic import SYNTHETIC_SPLIT_SIZES, synthetic_track  # here: synthetic.py imports this module
         count = n_songs if n_songs is not None else SYNTHETIC_SPLIT_SIZES[split]
         return [synthetic_track(split, i, seed) for i in range(count)]
     mtracks = musdb_tracks(source, "test") if split == "test" else musdb_tracks(source, "train", split)
@@ -439,8 +433,7 @@ def random_start(total, rng, length=PATCH_SAMPLES):
 
 
 def excerpt(audio, start, length=PATCH_SAMPLES):
-    """Samples [start, start + length) of (channels, samples) audio, zero outside the track:
-    (channels, length) float32."""
+    """Samples [start, start + length) of (channels, samples) audio, zero outside it: (channels, length) float32."""
     out = np.zeros((audio.shape[0], length), dtype=np.float32)
     a, b = max(start, 0), min(start + length, audio.shape[1])
     if b > a:
@@ -449,16 +442,14 @@ def excerpt(audio, start, length=PATCH_SAMPLES):
 
 
 def change_speed(audio, factor, length=PATCH_SAMPLES):
-    """Play (channels, n) audio `factor` times faster, as a tape would (pitch and tempo together),
-    cut or padded to (channels, length) float32."""
-    # the rates only set the ratio; the low-quality resampler is plenty for augmentation
+    """Play (channels, n) audio `factor` times faster, as a tape would (pitch and tempo together), cut or padded
+    to (channels, length) float32. resample's rates only set the ratio; LQ is plenty for augmentation."""
     out = resample(audio, audio.shape[1], length * audio.shape[1] / (length * factor), quality="LQ")[:, :length]
     return np.ascontiguousarray(np.pad(out, ((0, 0), (0, length - out.shape[1]))), dtype=np.float32)
 
 
 def draw_sources(tracks, rng):
-    """Independently drawn tracks and speeds of one remix: ([vocals track, accompaniment track],
-    [vocals factor, accompaniment factor])."""
+    """Independently drawn tracks and speeds of one remix: ([track per stem], [speed factor per stem])."""
     return ([tracks[rng.integers(len(tracks))] for _ in STEMS],
             [rng.uniform(*SPEED_RANGE) for _ in STEMS])
 
@@ -476,9 +467,8 @@ def clip_at_speed(audio, factor, rng, room):
 
 
 def filled_remix(tracks, rng):
-    """Short clips laid end to end so that the patch holds music throughout: each segment a remix
-    whose sources start together, the next where the longer ends, the last cut at the patch's end.
-    Returns (vocals, accompaniment), each (PATCH_SAMPLES,) float32."""
+    """Short clips laid end to end so that the patch holds music throughout: (vocals, accompaniment), each
+    (PATCH_SAMPLES,) float32. A segment's sources start together; the next starts where the longer ends."""
     out = np.zeros((len(STEMS), PATCH_SAMPLES), dtype=np.float32)
     position = 0
     while position < PATCH_SAMPLES:
@@ -496,14 +486,10 @@ def random_remix(tracks, rng):
     and offsets drawn apart, so that examples are not only the songs as mixed, from random channels
     at random speeds. Drawn tracks both shorter than a patch are followed by more (filled_remix)."""
     picks, factors = draw_sources(tracks, rng)
-    # duration of each source in the patch, after its speed change
-    spans = [int(np.ceil(t.vocals.shape[1] / f)) for t, f in zip(picks, factors)]
-    if max(spans) < PATCH_SAMPLES:
-        # filled_remix draws its segments afresh; this draw only decided that the patch needs
-        # filling, and it stays so that a seed keeps giving the batches it always gave
+    spans = [int(np.ceil(t.vocals.shape[1] / f)) for t, f in zip(picks, factors)]  # after the speed change
+    if max(spans) < PATCH_SAMPLES:  # filled_remix draws afresh; this draw stays so a seed gives the batches it gave
         return filled_remix(tracks, rng)
-    # samples to read so that a source fills the patch after its speed change
-    lengths = [int(np.ceil(PATCH_SAMPLES * f)) for f in factors]
+    lengths = [int(np.ceil(PATCH_SAMPLES * f)) for f in factors]  # samples to read to fill the patch at that speed
     starts = [random_start(t.vocals.shape[1], rng, n) for t, n in zip(picks, lengths)]
     stems = []
     for name, track, start, factor, length in zip(STEMS, picks, starts, factors, lengths):
@@ -524,8 +510,7 @@ def patch_spectrograms(vocals, accompaniment, target="vocals"):
     (batch, PATCH_SAMPLES) on any device: normalised magnitudes, each (batch, 1, 512, 128)."""
     mixture_mag = stft(vocals + accompaniment, center=False).abs()
     target_mag = stft(vocals if target == "vocals" else accompaniment, center=False).abs()
-    mixture_mag, target_mag = normalise(mixture_mag, target_mag)
-    return mixture_mag.unsqueeze(1), target_mag.unsqueeze(1)
+    return tuple(m.unsqueeze(1) for m in normalise(mixture_mag, target_mag))
 
 
 def validation_patches(track, target="vocals"):
@@ -536,8 +521,7 @@ def validation_patches(track, target="vocals"):
     accompaniment = torch.from_numpy(np.array(track.accompaniment, dtype=np.float32))
     mixture_mag = to_patches(stft(vocals + accompaniment).abs(), hop).flatten(0, 1)
     target_mag = to_patches(stft(vocals if target == "vocals" else accompaniment).abs(), hop).flatten(0, 1)
-    mixture_mag, target_mag = normalise(mixture_mag, target_mag)
-    return mixture_mag.unsqueeze(1), target_mag.unsqueeze(1)
+    return tuple(m.unsqueeze(1) for m in normalise(mixture_mag, target_mag))
 
 
 # sanity check: python data_generator.py -----------------------------------------------------------

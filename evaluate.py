@@ -1,16 +1,11 @@
-"""
-Score separations with museval (BSSEval v4, 1 s windows), as SiSEC 2018 did, and with the global
-SDR of the MDX challenges (uSDR), so the numbers compare with both eras.
+"""Score separations with museval (BSSEval v4, 1 s windows), as SiSEC 2018 did, and with the global SDR of the
+MDX challenges (uSDR), so the numbers compare with both eras. Each track goes through inference.py's separator at
+its own rate and channels. Methods: model (the U-Net checkpoint); mix (the mixture as both estimates: the floor);
+irm (the ideal ratio mask |vocals| / |mixture| at the model's STFT, same path: the ceiling of this design).
+Per-track JSON in museval's format goes to --output-dir/<method>/, the summary to --output-dir/summary.json.
 
     python evaluate.py --musdb-root ../shared/data/MUSDB18-7 --subset train --split valid --methods model,mix,irm
     python evaluate.py --folder my_tracks/                   # folders holding mixture.wav and vocals.wav
-
-Every track is separated at its own rate and channels through inference.py's separator, and
-scored for vocals and accompaniment. Methods: model (the U-Net checkpoint); mix (the mixture as
-the estimate of both stems: the floor); irm (the ideal ratio mask |vocals| / |mixture| at the
-model's own STFT through the same full-band path: the ceiling of this design). Per-track JSON in
-museval's format goes to --output-dir/<method>/; the summary is the median over tracks of the
-median over 1 s frames of SDR, SIR, SAR and ISR, and the mean over tracks of uSDR.
 """
 import argparse
 import functools
@@ -32,19 +27,18 @@ METHODS = ("model", "mix", "irm")
 
 
 def musdb_eval_tracks(root, subset, split, limit=None):
-    """Yield (name, mixture, {'vocals', 'accompaniment'}, rate) of a MUSDB18 folder's tracks,
-    audio (channels, samples) float32."""
-    tracks = dg.musdb_tracks(dg.find_data_source(root), subset, split if subset == "train" else None)
+    """Yield (name, mixture, {stem: audio}, rate) of a MUSDB18 folder's tracks, audio (channels, samples) float32."""
+    tracks = dg.musdb_tracks(dg.find_data_source(root), subset, split)  # split applies to the train subset only
     if not tracks:
-        raise dg.DataError(f"{root}: no tracks in subset {subset!r}" + (f", split {split!r}" if subset == "train" else ""))
+        split_text = f", split {split!r}" if subset == "train" else ""
+        raise dg.DataError(f"{root}: no tracks in subset {subset!r}{split_text}")
     for track in tracks[:limit]:
         stems = dg.musdb_stems(track)
         yield track.name, stems.pop("mixture"), stems, int(track.rate)
 
 
 def folder_eval_tracks(folder, limit=None):
-    """Yield (name, mixture, references, rate) for track folders holding mixture.wav and
-    vocals.wav (accompaniment.wav, or mixture - vocals when absent)."""
+    """Yield (name, mixture, references, rate), as musdb_eval_tracks, of folders holding mixture.wav and vocals.wav."""
     folder = Path(folder)
     if not folder.is_dir():
         raise dg.DataError(f"--folder {folder}: no such folder")
@@ -56,7 +50,8 @@ def folder_eval_tracks(folder, limit=None):
         vocals, vocals_rate = dg.load_audio(d / "vocals.wav")
         if vocals_rate != rate or vocals.shape != mixture.shape:
             raise dg.DataError(f"{d}: vocals.wav does not match mixture.wav in rate, channels or length")
-        accompaniment = dg.load_audio(d / "accompaniment.wav")[0] if (d / "accompaniment.wav").exists() else mixture - vocals
+        given = d / "accompaniment.wav"
+        accompaniment = dg.load_audio(given)[0] if given.exists() else mixture - vocals
         yield d.name, mixture, {"vocals": vocals, "accompaniment": accompaniment}, rate
 
 
@@ -69,17 +64,12 @@ def estimate(method, mixture, references, rate, mask_fn, options):
                                               for x in (references["vocals"], mixture)))
                    for delay in inference.shift_delays(rate, options["shifts"])]
         options = dict(options, target="vocals")
-    vocals, accompaniment = inference.separate(mixture, rate, mask_fn, **options)
-    return {"vocals": vocals, "accompaniment": accompaniment}
+    return dict(zip(dg.STEMS, inference.separate(mixture, rate, mask_fn, **options)))  # (vocals, accompaniment)
 
 
 @functools.lru_cache(maxsize=None)
 def museval_metrics():
-    """museval's metrics module (its BSSEval v4), loaded on its own. `import museval` runs the
-    package's __init__, which imports musdb, which imports stempeg, whose cmds module raises
-    RuntimeError at import when ffmpeg or ffprobe is not on PATH. museval.evaluate is
-    metrics.bss_eval, and metrics.py imports only numpy and scipy: loaded by itself, scoring
-    works without ffmpeg (training on the synthetic set, --folder)."""
+    """museval's metrics.py (BSSEval v4) alone, so scoring needs no ffmpeg: `import museval` (stempeg) does."""
     package = importlib.util.find_spec("museval")  # finds the package without running its __init__
     if package is None:
         raise dg.DataError("museval not installed, needed to score separations (pip install museval)")
@@ -90,8 +80,7 @@ def museval_metrics():
 
 
 def bss_eval_v4(references, estimates, rate):
-    """museval.evaluate(mode="v4") with 1 s windows and hops on (sources, samples, channels)
-    arrays of one length: (SDR, ISR, SIR, SAR), each (sources, frames)."""
+    """museval.evaluate, 1 s windows: (sources, samples, channels) arrays -> (SDR, ISR, SIR, SAR), (sources, frames)."""
     return museval_metrics().bss_eval(np.asarray(references, np.float64), np.asarray(estimates, np.float64),
                                       compute_permutation=False, window=rate, hop=rate, framewise_filters=False,
                                       bsseval_sources_version=False)[:4]
@@ -100,34 +89,28 @@ def bss_eval_v4(references, estimates, rate):
 def bss_eval(references, estimates, rate):
     """BSSEval v4 of both stems, {stem: (channels, samples)} -> {stem: {metric: [per-frame]}}."""
     sdr, isr, sir, sar = bss_eval_v4(*(np.stack([x[s].T for s in dg.STEMS]) for x in (references, estimates)), rate)
-    return {stem: {"SDR": sdr[i].tolist(), "SIR": sir[i].tolist(), "SAR": sar[i].tolist(), "ISR": isr[i].tolist()}
-            for i, stem in enumerate(dg.STEMS)}
+    return {stem: {m: v[i].tolist() for m, v in zip(METRICS, (sdr, sir, sar, isr))} for i, stem in enumerate(dg.STEMS)}
 
 
 def target_sdr(reference, estimate, rate):
-    """BSSEval v4 SDR (dB) of one stem, median over 1 s frames. reference, estimate: (channels,
-    samples). v4's SDR depends only on the projection onto the stem's own reference, so scoring
-    the stem alone gives the SDR bss_eval gives it among all stems, for less work (what
-    train.py validates with)."""
+    """Median over 1 s frames of one stem's BSSEval v4 SDR (dB), (channels, samples): v4's SDR depends only on the
+    stem's own reference, so scored alone it equals bss_eval's, for less work (what train.py validates with)."""
     return frame_median(bss_eval_v4(np.asarray(reference).T[None], np.asarray(estimate).T[None], rate)[0][0])
 
 
 def global_sdr(reference, estimate, delta=1e-7):
-    """The MDX challenges' SDR (uSDR) in dB: 10 log10(sum s^2 / sum (s - s_hat)^2) over the whole
-    track and all channels; delta keeps silence finite, as in their scorer."""
+    """The MDX challenges' SDR (uSDR, dB) over the whole track and all channels; delta keeps silence finite."""
     reference, estimate = np.asarray(reference, np.float64), np.asarray(estimate, np.float64)
     return float(10 * np.log10((np.sum(reference ** 2) + delta) / (np.sum((reference - estimate) ** 2) + delta)))
 
 
 def save_track_json(scores, path):
-    """Per-frame scores in museval's per-track JSON format (what museval.TrackStore writes: 5
-    decimals, infinite values as NaN), so museval's aggregation tools read them."""
+    """Per-frame scores as museval.TrackStore writes them (5 decimals, infinite as NaN), for museval's tools."""
     from importlib.metadata import version
     q = lambda x: round(x, 5) if np.isfinite(x) else float("nan")
-    targets = [{"name": stem, "frames": [{"time": float(i), "duration": 1.0,
-                                          "metrics": {m: q(values[m][i]) for m in METRICS}}
-                                         for i in range(len(values["SDR"]))]}
-               for stem, values in scores.items()]
+    frames = lambda values: [{"time": float(i), "duration": 1.0, "metrics": {m: q(values[m][i]) for m in METRICS}}
+                             for i in range(len(values["SDR"]))]
+    targets = [{"name": stem, "frames": frames(values)} for stem, values in scores.items()]
     path.parent.mkdir(parents=True, exist_ok=True)
     dg.atomic_write(path, lambda tmp: tmp.write_text(
         json.dumps({"targets": targets, "museval_version": version("museval")}, indent=2)))
@@ -136,8 +119,7 @@ def save_track_json(scores, path):
 def frame_median(values):
     """Median over 1 s frames, ignoring frames where a metric is undefined (silent reference)."""
     values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    return float(np.median(values)) if values.size else float("nan")
+    return float(np.median(values[np.isfinite(values)])) if np.isfinite(values).any() else float("nan")
 
 
 def summarise(per_track):
@@ -150,15 +132,13 @@ def summarise(per_track):
 
 def format_table(summary, columns=METRICS + ("uSDR",)):
     lines = [f"{'method':8s} {'target':14s} " + " ".join(f"{m:>7s}" for m in columns)]
-    for method, stems in summary.items():
-        for stem, metrics in stems.items():
-            lines.append(f"{method.upper():8s} {stem:14s} " + " ".join(f"{metrics[m]:7.2f}" for m in columns))
+    lines += [f"{method.upper():8s} {stem:14s} " + " ".join(f"{metrics[m]:7.2f}" for m in columns)
+              for method, stems in summary.items() for stem, metrics in stems.items()]
     return "\n".join(lines)
 
 
 def evaluate(tracks, methods, mask_fn, options, output_dir=None, progress=True):
-    """Score every method on every track. tracks: iterable of (name, mixture, references, rate);
-    options: shifts, wiener, target as for inference.separate.
+    """Score every method on (name, mixture, references, rate) tracks; options as for inference.separate.
     Returns (per_track {method: {track: {stem: {metric: frame median, uSDR}}}}, summary)."""
     per_track = {m: {} for m in methods}
     for name, mixture, references, rate in tqdm(tracks, desc="tracks", unit="track", disable=not progress):
