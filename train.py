@@ -6,12 +6,10 @@ Train the U-Net singing-voice separator.
     python train.py --musdb-root ../shared/data/MUSDB18-7 --n-songs 94 --time-budget 30
     torchrun --standalone --nproc_per_node=4 train.py --musdb-root MUSDB18/musdb18
 
-Top to bottom: settings -> DDP -> data -> the plan -> model and optimiser (fresh or resumed) ->
-validation -> the loop, which saves last.pth and best_model.pth (best validation SDR of the target)
-to --checkpoint-dir, with TensorBoard logs in <checkpoint-dir>/logs. An epoch is the same amount of
-training on every machine: one pass over the training audio in patches at inference's overlap (a
-hop of 64 frames), at least MIN_STEPS_PER_EPOCH steps; --time-budget MIN instead sizes the epochs
-from a step and a validation timed here, so that the run takes about MIN minutes.
+Top to bottom: settings -> DDP -> data -> the plan -> model and optimiser -> validation -> the loop, which saves
+last.pth and best_model.pth (best validation SDR) to --checkpoint-dir, TensorBoard logs to <checkpoint-dir>/logs.
+An epoch is the same training on every machine: one pass over the training audio at the patch overlap, at least
+MIN_STEPS_PER_EPOCH steps; --time-budget MIN instead sizes the epochs so that the run takes about MIN minutes.
 """
 import argparse
 import copy
@@ -32,9 +30,8 @@ import inference
 from unet_model import (CheckpointError, UNet, UNetConfig, amp_dtype, masked_l1_loss, read_checkpoint,
                         save_checkpoint, stored_config, train_step)
 
-# An epoch ends with a validation, which costs as much as many training steps. On a few short songs
-# (the synthetic set, the MUSDB18 previews) one pass over the audio is only a handful of steps, and
-# the run would spend most of its time validating: so an epoch is at least this many steps.
+# An epoch ends with a validation, which costs as much as many training steps. On a few short songs (the
+# synthetic set, the MUSDB18 previews) one pass is only a handful of steps: so an epoch is at least this many.
 MIN_STEPS_PER_EPOCH = 32
 # Adam's first updates, taken before its moment estimates settle, can throw a freshly initialised
 # network far off; the learning rate rises linearly over these steps (at most a fifth of the run).
@@ -77,23 +74,21 @@ for name, value, low in (("--batch-size", args.batch_size, 1), ("--epochs", args
                          ("--workers", args.workers, 0)):
     if value is not None and value < low:
         fail(f"{name} must be at least {low}, got {value}")
-if not args.lr > 0:
-    fail(f"--lr must be positive, got {args.lr}")
-if args.time_budget is not None and not args.time_budget > 0:
-    fail(f"--time-budget must be positive, got {args.time_budget}")
+for name, value in (("--lr", args.lr), ("--time-budget", args.time_budget)):
+    if value is not None and not value > 0:
+        fail(f"{name} must be positive, got {value}")
 
 # DDP: torchrun sets RANK; every process trains on its own remixes, rank 0 alone logs and saves
 ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+use_cuda = torch.cuda.is_available() and not args.cpu
+rank, world_size = 0, 1
+device = torch.device("cuda" if use_cuda else "cpu")
 if ddp:
-    rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() and not args.cpu
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-else:
-    rank, world_size = 0, 1
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
 master = rank == 0
 autocast_dtype = amp_dtype(device)  # bf16 on CUDA and on CPUs with native bf16, else float32
 if device.type == "cuda":
@@ -147,15 +142,12 @@ log(f"tracks: {len(train_tracks)} train, {len(valid_tracks)} validation; each pa
 
 
 class TrainingBatches(torch.utils.data.Dataset):
-    """Item k: training batch k of this rank, (vocals, accompaniment) each (batch, PATCH_SAMPLES), from a
-    random stream seeded by (seed, rank, k): workers can build batches in any order, the run is the same
-    with any number of them, and --resume needs only the step count."""
+    """Item k: training batch k of this rank, (vocals, accompaniment) each (batch, PATCH_SAMPLES), from a random
+    stream seeded by (seed, rank, key, k): workers can build batches in any order, the run is the same with any
+    number of them, and --resume needs only the step count. (No __len__: the loader's sampler says which k.)"""
 
-    def __init__(self, n_batches, key=0):
-        self.n_batches, self.key = n_batches, key
-
-    def __len__(self):
-        return self.n_batches
+    def __init__(self, key=0):
+        self.key = key
 
     def __getitem__(self, k):
         stream = np.random.default_rng([args.seed, rank, self.key, k])
@@ -166,7 +158,7 @@ class TrainingBatches(torch.utils.data.Dataset):
 def batch_loader(first, last, key=0):
     """Batches first..last-1 in order, built by --workers processes ahead of the step (here when 0)."""
     return torch.utils.data.DataLoader(
-        TrainingBatches(last, key), batch_size=None, sampler=range(first, last), num_workers=args.workers,
+        TrainingBatches(key), batch_size=None, sampler=range(first, last), num_workers=args.workers,
         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
         prefetch_factor=4 if args.workers > 0 else None, worker_init_fn=lambda _: torch.set_num_threads(1),
         multiprocessing_context="fork" if args.workers > 0 else None,  # workers inherit the tracks, no pickling
@@ -216,8 +208,7 @@ if master:  # only now that the data is there: a failed start leaves no empty fo
 torch.manual_seed(args.seed)
 if checkpoint is None:
     model_config = UNetConfig(n_channels=args.n_channels)
-# channels-last: oneDNN's convolutions run faster on it (RESULTS.md, speed)
-model = UNet(model_config).to(device, memory_format=torch.channels_last)
+model = UNet(model_config).to(device, memory_format=torch.channels_last)  # faster oneDNN convolutions (RESULTS.md)
 optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
 scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)  # bf16 needs no scaling
 start_epoch, step, best_val_loss, best_val_sdr, history = 0, 0, float("inf"), float("-inf"), []
@@ -237,17 +228,13 @@ raw_model = model  # the network itself: what is validated and saved
 if ddp:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+
 # validation: the loss on every patch of the validation songs as mixed, and their SDR
-
-
 @torch.no_grad()
 def estimate_val_loss():
-    """(loss, mask mean, mask std) over the validation patches, shared out between ranks."""
-    raw_model.eval()
+    """(loss, mask mean, mask std) over the validation patches, shared out between ranks (model in eval mode)."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss x elements, mask, mask^2, elements
-    for i, track in enumerate(valid_tracks):
-        if i % world_size != rank:
-            continue
+    for track in valid_tracks[rank::world_size]:
         mixture, target = dg.validation_patches(track, args.target)
         for j in range(0, mixture.shape[0], args.batch_size):
             x, y = mixture[j:j + args.batch_size].to(device), target[j:j + args.batch_size].to(device)
@@ -258,7 +245,6 @@ def estimate_val_loss():
                                  torch.tensor(n, device=device)]).double()
     if ddp:
         dist.all_reduce(sums)
-    raw_model.train()
     loss, mean = (sums[0] / sums[3]).item(), (sums[1] / sums[3]).item()
     return loss, mean, math.sqrt(max(0.0, (sums[2] / sums[3]).item() - mean ** 2))
 
@@ -267,29 +253,27 @@ def estimate_val_loss():
 def estimate_val_sdr():
     """(median, per-song list) of the target's SDR (dB) on the validation songs, separated by inference's
     separator at 8192 Hz, scored like evaluate.py (BSSEval v4): a steadier judge than the loss."""
-    raw_model.eval()
     mask_fn = inference.model_mask_fn(raw_model, device, args.batch_size)
     scores = torch.zeros(len(valid_tracks), dtype=torch.float64, device=device)
-    for i, track in enumerate(valid_tracks):
-        if i % world_size != rank:
-            continue
+    for i, track in list(enumerate(valid_tracks))[rank::world_size]:
         stems = inference.separate(np.array(track.mixture), dg.SAMPLE_RATE, mask_fn, target=args.target)
         estimate = stems[dg.STEMS.index(args.target)]
         scores[i] = evaluate.target_sdr(getattr(track, args.target), estimate, dg.SAMPLE_RATE)
     if ddp:
         dist.all_reduce(scores)  # every song was scored by exactly one rank
-    raw_model.train()
     per_song = scores.cpu().tolist()
     return float(np.nanmedian(per_song)), per_song  # nan: a song whose target is silent throughout
 
 
 def validate():
     """Every validation figure of the current model, as plain floats for the log and the history."""
+    raw_model.eval()
     try:
         val_loss, mask_mean, mask_std = estimate_val_loss()
         val_sdr, val_sdr_songs = estimate_val_sdr()
     except dg.DataError as e:  # what scoring needs is missing (see evaluate.target_sdr)
         fail(str(e))
+    raw_model.train()
     return dict(val_loss=val_loss, val_sdr=val_sdr, mask_mean=mask_mean, mask_std=mask_std, val_sdr_songs=val_sdr_songs)
 
 
@@ -299,8 +283,7 @@ def log_separations(epoch, n_tracks=2, seconds=10):
     mask_fn = inference.model_mask_fn(raw_model, device)
     for i, track in enumerate(valid_tracks[:n_tracks]):
         mixture = np.array(track.mixture[:1, :seconds * dg.SAMPLE_RATE])
-        stems, mask = inference.separate(mixture, dg.SAMPLE_RATE, mask_fn, target=args.target, return_mask=True)
-        vocals = stems[0]
+        (vocals, _), mask = inference.separate(mixture, dg.SAMPLE_RATE, mask_fn, target=args.target, return_mask=True)
         writer.add_figure(f"separation/{i}", inference.separation_figure(mixture, mask, track.name), epoch)
         peak = max(1.0, float(np.abs(mixture).max()))  # TensorBoard clips audio at +-1
         writer.add_audio(f"separation/{i}_vocals", torch.from_numpy(vocals[0] / peak), epoch, sample_rate=dg.SAMPLE_RATE)
@@ -312,10 +295,8 @@ def log_separations(epoch, n_tracks=2, seconds=10):
 
 def save(path, epoch, resumable):
     """Tensors and plain values: best_model.pth the model and its record, last.pth also what --resume needs."""
-    extra = {}
-    if resumable:
-        extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), torch_rng=torch.get_rng_state(),
-                     cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), torch_rng=torch.get_rng_state(),
+                 cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None) if resumable else {}
     save_checkpoint(path, raw_model, dg.SPEC_CONFIG, args.target, args=vars(args), epoch=epoch, step=step,
                     steps_per_epoch=steps_per_epoch, best_val_loss=best_val_loss, best_val_sdr=best_val_sdr,
                     history=history, dataset=source.describe(), **extra)
@@ -340,9 +321,8 @@ if checkpoint is None:
 
 # time budget: with --time-budget, as many steps per epoch as fit in it
 def seconds_per_step(n_steps=8, n_untimed=2):
-    """Seconds a training step takes here, timed on throwaway copies of the model and optimiser with
-    batches of their own (key 1): the run itself, RNG streams included, is not changed by it. (.item()
-    waits for the step, also on CUDA.)"""
+    """Seconds a training step takes here, timed on throwaway copies of the model and optimiser with batches
+    of their own (key 1): the run itself, RNG streams included, is not changed. (.item() waits, also on CUDA.)"""
     trial_model = copy.deepcopy(raw_model)
     trial_optimizer = torch.optim.Adam(trial_model.parameters(), lr=args.lr)
     trial_scaler = torch.amp.GradScaler(device.type, enabled=scaler.is_enabled())
@@ -357,8 +337,7 @@ def seconds_per_step(n_steps=8, n_untimed=2):
 def plan_by_budget():
     """Steps per epoch that fill --time-budget, from a step and a validation timed here."""
     t0 = time.time()  # validation again, timed without the first call's one-off costs (imports, kernel selection)
-    estimate_val_loss()
-    estimate_val_sdr()
+    validate()
     validation_seconds = agree(time.time() - t0) + logging_seconds  # what each epoch adds to its steps
     step_seconds = agree(seconds_per_step())
     elapsed = agree(time.time() - launched)
@@ -386,9 +365,6 @@ def get_lr(it):
         return args.lr * (it + 1) / warmup_steps
     progress = min(1.0, (it - warmup_steps) / max(1, total_steps - warmup_steps))
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-interrupted = False
 
 
 def on_ctrl_c(signum, frame):
@@ -457,6 +433,7 @@ def check_replicas():
 
 if start_epoch >= args.epochs:
     log(f"nothing to do: {last_path} already finished epoch {start_epoch} of --epochs {args.epochs}")
+interrupted = False  # set by on_ctrl_c
 if not ddp:  # under torchrun every rank gets the signal and must not stop at different steps
     signal.signal(signal.SIGINT, on_ctrl_c)
 started, epoch = time.time(), start_epoch

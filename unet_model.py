@@ -1,10 +1,8 @@
 """
-The U-Net of Jansson et al., "Singing Voice Separation with Deep U-Net Convolutional Networks"
-(ISMIR 2017): normalised magnitudes in, a soft mask of the same shape out. Encoder: six 5x5 stride-2
-convolutions (16 ... 512 channels), batch norm, LeakyReLU(0.2); decoder: six 5x5 stride-2 transposed
-convolutions, batch norm, ReLU, dropout 0.5 on the first three, each after the first also reading the
-encoder output of its size (skip connections); a sigmoid makes the mask. Also: the one loss and
-training step, checkpoints (data only: tensors and plain values) and export.
+The U-Net of Jansson et al., "Singing Voice Separation with Deep U-Net Convolutional Networks" (ISMIR 2017):
+normalised magnitudes in, a soft mask of the same shape out, from six stride-2 convolutions down and six
+transposed ones up, each after the first also reading the encoder output of its size (skip connections).
+Also: the one loss and training step, checkpoints (data only: tensors and plain values) and export.
 
     python unet_model.py                                     # parameter count and shape check
     python unet_model.py --export onnx|torchscript CHECKPOINT
@@ -99,7 +97,6 @@ def amp_dtype(device):
 
 
 # training: the one loss and the one step, used by train.py and timed by bench.py
-
 def masked_l1_loss(mask, mixture, target):
     """The paper's L1,1 loss ||mask * X - Y||, a float32 mean. Each (batch, 1, 512, 128)."""
     return (mask.float() * mixture - target).abs().mean()
@@ -118,10 +115,8 @@ def train_step(model, optimizer, scaler, mixture, target, autocast_dtype):
     return loss
 
 
-# checkpoints, one format for every script. A checkpoint is data: tensors and plain Python values
-# (dicts, lists, tuples, strings, numbers, None), read with torch.load(weights_only=True), which
-# refuses a pickle that names any other class or function instead of calling it.
-
+# checkpoints, one format for every script, are data: tensors and plain Python values (dicts, lists, tuples,
+# strings, numbers, None), read with torch.load(weights_only=True), which refuses a pickle naming anything else.
 class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable, unsafe or does not match; one line for the user."""
 
@@ -160,10 +155,9 @@ def load_model(path, device="cpu", expected_spec=None):
     checkpoint = read_checkpoint(path)
     if expected_spec is not None:
         spec = checkpoint.get("spec_config", {})
-        different = {k: (spec.get(k), v) for k, v in expected_spec.items() if spec.get(k) != v}
+        different = [f"{k}={spec.get(k)} (expected {v})" for k, v in expected_spec.items() if spec.get(k) != v]
         if different:
-            detail = ", ".join(f"{k}={a} (expected {b})" for k, (a, b) in different.items())
-            raise CheckpointError(f"{path}: trained with other spectrogram settings: {detail}")
+            raise CheckpointError(f"{path}: trained with other spectrogram settings: {', '.join(different)}")
     model = UNet(stored_config(checkpoint, path))
     try:
         model.load_state_dict(checkpoint["model"])
@@ -174,9 +168,8 @@ def load_model(path, device="cpu", expected_spec=None):
 
 def save_checkpoint(path, model, spec_config, target="vocals", **state):
     """Write {model weights, model_config, spec_config, target, **state}; state: tensors and plain values."""
-    state = dict(model=model.state_dict(), model_config=asdict(model.config), spec_config=dict(spec_config),
-                 target=target, **state)
-    write_checkpoint(path, state)
+    write_checkpoint(path, dict(model=model.state_dict(), model_config=asdict(model.config),
+                                spec_config=dict(spec_config), target=target, **state))
 
 
 def write_checkpoint(path, state):
@@ -185,7 +178,6 @@ def write_checkpoint(path, state):
 
 
 # export: the network alone (the STFT stays outside the graph)
-
 def export(model, kind, path, frames=128):
     """Write the U-Net as "onnx" (dynamic batch) or "torchscript". Input (batch, 1, 512, frames)."""
     model = model.eval().cpu()
