@@ -136,10 +136,10 @@ def test_kill_9_during_training_then_resume_continues_exactly(tmp_path):
 
 
 def test_time_budget_sizes_the_epochs_and_prints_the_plan(tmp_path):
-    result = run_script("train.py", *TINY, "--epochs", "2", "--time-budget", "1.5", "--checkpoint-dir", tmp_path,
+    result = run_script("train.py", *TINY, "--epochs", "2", "--time-budget", "0.75", "--checkpoint-dir", tmp_path,
                         timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    match = re.search(r"plan: 2 epochs x (\d+) steps of 2 patches .*sized to --time-budget 1.5 min: ([\d.]+) s a step",
+    match = re.search(r"plan: 2 epochs x (\d+) steps of 2 patches .*sized to --time-budget 0.75 min: ([\d.]+) s a step",
                       result.stdout)
     assert match, result.stdout
     last = read_checkpoint(tmp_path / "last.pth")
