@@ -143,7 +143,9 @@ def test_time_budget_sizes_the_epochs_and_prints_the_plan(tmp_path):
                       result.stdout)
     assert match, result.stdout
     last = read_checkpoint(tmp_path / "last.pth")
-    assert last["steps_per_epoch"] == int(match[1]) >= 1 and last["step"] == 2 * int(match[1])
+    assert last["steps_per_epoch"] == int(match[1]) >= 1 and last["step"] == last["epoch"] * int(match[1])
+    # the plan fills the budget; a machine that slows down after planning (other jobs) ends an epoch early
+    assert last["epoch"] == 2 or "time budget: the next epoch would end after 0.75 min" in result.stdout
 
 
 def test_best_model_is_the_epoch_with_the_best_validation_sdr_and_tensorboard_has_it_all(tmp_path):
