@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,3 +50,39 @@ def tiny_checkpoint(tmp_path):
     path = tmp_path / "tiny.pth"
     save_checkpoint(path, model, dg.SPEC_CONFIG, "vocals", epoch=0, best_val_loss=1.0)
     return path
+
+
+def make_wav_dataset(root, names, seconds=3.0, rate=22050):
+    """A tiny MUSDB18-HQ layout of synthetic songs: train/<name>/{mixture,drums,bass,other,vocals}.wav."""
+    import synthetic
+    for i, name in enumerate(names):
+        track = synthetic.synthetic_track("train", i, rate=rate, seconds=seconds)
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        third = track.accompaniment / 3
+        for stem, audio in (("vocals", track.vocals), ("drums", third), ("bass", third), ("other", third),
+                            ("mixture", track.mixture)):
+            sf.write(str(folder / f"{stem}.wav"), audio.T, rate)
+
+
+# (problem, the words its one-line error must hold) for write_bad_checkpoint
+BAD_CHECKPOINTS = [("missing", "python train.py"), ("corrupt", "not a readable checkpoint"),
+                   ("other_stft", "hop_length=512"), ("other_width", "do not fit"),
+                   ("not_ours", "not a checkpoint written by train.py")]
+
+
+def write_bad_checkpoint(problem, path):
+    """Leave at path a checkpoint with one of BAD_CHECKPOINTS' problems ('missing': nothing)."""
+    import data_generator as dg
+    from unet_model import UNet, UNetConfig, save_checkpoint
+    if problem == "corrupt":
+        path.write_bytes(b"\x80\x02garbage" * 100)
+    elif problem == "other_stft":
+        save_checkpoint(path, UNet(UNetConfig(n_channels=4)), dict(dg.SPEC_CONFIG, hop_length=512))
+    elif problem == "other_width":
+        save_checkpoint(path, UNet(UNetConfig(n_channels=4)), dg.SPEC_CONFIG)
+        checkpoint = torch.load(path, weights_only=True)
+        checkpoint["model_config"]["n_channels"] = 8
+        torch.save(checkpoint, path)
+    elif problem == "not_ours":
+        torch.save({"weights": 1}, path)

@@ -12,7 +12,7 @@ import torch
 
 import data_generator as dg
 import synthetic
-from conftest import MUSDB7, REPO, assert_one_line_error, needs_ffmpeg, needs_shared, run_script
+from conftest import make_wav_dataset, MUSDB7, REPO, assert_one_line_error, needs_ffmpeg, needs_shared, run_script
 
 
 # -----------------------------------------------------------------------------
@@ -168,22 +168,9 @@ def test_failed_download_is_a_clear_warning_and_leaves_nothing(monkeypatch, tmp_
     assert not (tmp_path / "MUSDB18" / "MUSDB18-7").exists()
 
 
-def make_wav_dataset(root, names, seconds=2.0, rate=22050):
-    """A tiny MUSDB18-HQ layout: train/<name>/{mixture,drums,bass,other,vocals}.wav."""
-    import soundfile as sf
-    for i, name in enumerate(names):
-        track = synthetic.synthetic_track("train", i, rate=rate, seconds=seconds)
-        folder = root / "train" / name
-        folder.mkdir(parents=True)
-        third = track.accompaniment / 3
-        for stem, audio in (("vocals", track.vocals), ("drums", third), ("bass", third), ("other", third),
-                            ("mixture", track.mixture)):
-            sf.write(str(folder / f"{stem}.wav"), audio.T, rate)
-
-
-@needs_ffmpeg
 def test_asking_for_more_songs_than_exist_uses_all_with_a_warning(tmp_path, capsys):
-    make_wav_dataset(tmp_path / "hq", ["A - Train One", "B - Train Two", "ANiMAL - Rockshow"])  # the last is valid
+    # the last is in musdb's valid split
+    make_wav_dataset(tmp_path / "hq", ["A - Train One", "B - Train Two", "ANiMAL - Rockshow"], seconds=2.0)
     source = dg.find_data_source(tmp_path / "hq")
     assert source.kind == "musdb" and source.is_wav
     tracks = dg.load_tracks(source, "train", 50, tmp_path / "cache", progress=False)

@@ -8,8 +8,8 @@ import torch
 
 import data_generator as dg
 import inference
-from conftest import SONGS, assert_one_line_error, needs_shared, run_script
-from unet_model import CheckpointError, UNet, UNetConfig, load_model, save_checkpoint
+from conftest import BAD_CHECKPOINTS, write_bad_checkpoint, SONGS, assert_one_line_error, needs_shared, run_script
+from unet_model import CheckpointError, load_model
 
 
 def ones_mask(patches, first_patch):
@@ -350,22 +350,10 @@ def test_silence_and_clipping(signal_kind, tmp_path, tiny_checkpoint):
         assert np.abs(vocals).max() > 0.01
 
 
-@pytest.mark.parametrize("problem,message", [("missing", "python train.py"), ("corrupt", "not a readable checkpoint"),
-                                             ("other_stft", "hop_length=512"), ("other_width", "do not fit"),
-                                             ("not_ours", "not a checkpoint written by train.py")])
+@pytest.mark.parametrize("problem,message", BAD_CHECKPOINTS)
 def test_bad_checkpoints(problem, message, tmp_path):
     path = tmp_path / "model.pth"
-    if problem == "corrupt":
-        path.write_bytes(b"\x80\x02garbage" * 100)
-    elif problem == "other_stft":
-        save_checkpoint(path, UNet(UNetConfig(n_channels=4)), dict(dg.SPEC_CONFIG, hop_length=512))
-    elif problem == "other_width":
-        save_checkpoint(path, UNet(UNetConfig(n_channels=4)), dg.SPEC_CONFIG)
-        checkpoint = torch.load(path, weights_only=True)
-        checkpoint["model_config"]["n_channels"] = 8
-        torch.save(checkpoint, path)
-    elif problem == "not_ours":
-        torch.save({"weights": 1}, path)
+    write_bad_checkpoint(problem, path)
     with pytest.raises(CheckpointError, match=message):
         load_model(path, expected_spec=dg.SPEC_CONFIG)
     song = tmp_path / "song.wav"

@@ -8,12 +8,11 @@ import time
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 import data_generator as dg
 import synthetic
-from conftest import REPO, assert_one_line_error, run_script
+from conftest import make_wav_dataset, REPO, assert_one_line_error, run_script
 from unet_model import load_model, read_checkpoint
 
 TINY = ["--synthetic", "--n-songs", "2", "--n-channels", "4", "--batch-size", "2", "--cpu"]
@@ -46,18 +45,6 @@ def test_bad_training_flags(flags, message, tmp_path):
                         "--checkpoint-dir", tmp_path / "ck")
     assert_one_line_error(result, message)
     assert not (tmp_path / "ck").exists()
-
-
-def make_wav_dataset(root, names, seconds=3.0, rate=22050):
-    """A tiny MUSDB18-HQ layout: train/<name>/{mixture,drums,bass,other,vocals}.wav."""
-    for i, name in enumerate(names):
-        track = synthetic.synthetic_track("train", i, rate=rate, seconds=seconds)
-        folder = root / "train" / name
-        folder.mkdir(parents=True)
-        quarter = track.accompaniment / 3
-        for stem, audio in (("vocals", track.vocals), ("drums", quarter), ("bass", quarter), ("other", quarter),
-                            ("mixture", track.mixture)):
-            sf.write(str(folder / f"{stem}.wav"), audio.T, rate)
 
 
 def test_empty_dataset_and_too_many_songs(tmp_path):

@@ -10,7 +10,7 @@ import soundfile as sf
 import torch
 
 import data_generator as dg
-from conftest import REPO, assert_one_line_error, run_script
+from conftest import BAD_CHECKPOINTS, write_bad_checkpoint, REPO, assert_one_line_error, run_script
 from unet_model import (CheckpointError, UNet, UNetConfig, export, load_model, masked_l1_loss, read_checkpoint,
                         save_checkpoint, train_step)
 
@@ -119,22 +119,10 @@ def test_a_checkpoint_of_the_previous_version_still_loads(tmp_path):
         load_model(path)
 
 
-@pytest.mark.parametrize("problem,message", [("missing", "python train.py"), ("corrupt", "not a readable checkpoint"),
-                                             ("other_stft", "hop_length=512"), ("other_width", "do not fit"),
-                                             ("not_ours", "not a checkpoint written by train.py")])
+@pytest.mark.parametrize("problem,message", BAD_CHECKPOINTS)
 def test_bad_checkpoints_are_one_line_errors(problem, message, tmp_path):
     path = tmp_path / "model.pth"
-    if problem == "corrupt":
-        path.write_bytes(b"\x80\x02garbage" * 100)
-    elif problem == "other_stft":
-        save_checkpoint(path, UNet(UNetConfig(n_channels=4)), dict(dg.SPEC_CONFIG, hop_length=512))
-    elif problem == "other_width":
-        save_checkpoint(path, UNet(UNetConfig(n_channels=4)), dg.SPEC_CONFIG)
-        checkpoint = torch.load(path, weights_only=True)
-        checkpoint["model_config"]["n_channels"] = 8
-        torch.save(checkpoint, path)
-    elif problem == "not_ours":
-        torch.save({"weights": 1}, path)
+    write_bad_checkpoint(problem, path)
     with pytest.raises(CheckpointError, match=message) as error:
         load_model(path, expected_spec=dg.SPEC_CONFIG)
     assert "\n" not in str(error.value)
