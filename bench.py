@@ -134,7 +134,7 @@ def bench_training(args, workdir, checkpoint):
         return lambda: train_step(model, optimizer, scaler, *next_batch(), dtype)
 
     def batch():  # as train.py's TrainingBatches
-        return dg.patch_spectrograms(*(torch.from_numpy(w).to(device) for w in dg.training_batch(tracks, batch_size, rng)))
+        return dg.patch_spectrograms(*(torch.from_numpy(w).to(device) for w in dg.training_batch([tracks], batch_size, rng)))
 
     fixed, used = batch(), str(autocast or "float32").replace("torch.", "")
     steps = {f"step alone, float32, batch {batch_size}, n_channels={config.n_channels}, {device.type}": step(None, lambda: fixed),

@@ -6,6 +6,7 @@ it. `python data_generator.py` is a sanity check of all this, with a PNG of one 
 """
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -263,24 +264,34 @@ class Track:
     vocals: np.ndarray
     accompaniment: np.ndarray
     source: str = ""
+    gains: tuple = (1.0, 1.0)  # what training remixes multiply (vocals, accompaniment) by: see match_levels
 
     @property
     def mixture(self):
         return self.vocals + self.accompaniment
 
+    def gain(self, stem):
+        return self.gains[STEMS.index(stem)]
+
 
 @dataclass
 class DataSource:
-    """Which dataset train.py uses: kind is 'musdb' or 'synthetic'."""
+    """Which dataset train.py uses: kind is 'musdb', 'synthetic' or 'stems' (stems folders alone); stems: the
+    --stems folders, also beside MUSDB18 or the synthetic set."""
     kind: str
     root: Path = None
     is_wav: bool = False
+    stems: tuple = ()
 
     def describe(self):
+        folders = ", ".join(f"stems folder {folder}" for folder in self.stems)
+        if self.kind == "stems":
+            return folders
         if self.kind == "synthetic":
-            return "built-in SYNTHETIC multitrack set (generated in code, not real music)"
-        layout = "MUSDB18-HQ wav" if self.is_wav else "MUSDB18 .stem.mp4"
-        return f"{layout} at {self.root}"
+            text = "built-in SYNTHETIC multitrack set (generated in code, not real music)"
+        else:
+            text = f"{'MUSDB18-HQ wav' if self.is_wav else 'MUSDB18 .stem.mp4'} at {self.root}"
+        return f"{text} + {folders}" if folders else text
 
 
 def musdb_layout(root):
@@ -291,12 +302,14 @@ def musdb_layout(root):
     return None
 
 
-def find_data_source(musdb_root=None, download=False, synthetic=False, interactive=None):
+def find_data_source(musdb_root=None, download=False, synthetic=False, interactive=None, stems=()):
     """The dataset, first found of: --musdb-root; MUSDB18/musdb18, musdb18hq or an earlier preview
     download in the repo; the previews downloaded (asked on a terminal, or forced by download);
-    the synthetic set, with a warning. Returns a DataSource."""
+    the synthetic set, with a warning. With stems folders, MUSDB18 only where --musdb-root names it
+    (or the synthetic set where asked for). Returns a DataSource."""
+    stems = tuple(check_stems_folder(folder) for folder in stems)
     if synthetic:
-        return DataSource("synthetic")
+        return DataSource("synthetic", stems=stems)
     if musdb_root is not None:
         root = Path(musdb_root).expanduser()
         if not root.is_dir():
@@ -304,7 +317,9 @@ def find_data_source(musdb_root=None, download=False, synthetic=False, interacti
         if (is_wav := musdb_layout(root)) is None:
             raise DataError(f"--musdb-root {root}: no MUSDB18 tracks found (expected train/ and "
                             f"test/ holding *.stem.mp4 files or track folders with mixture.wav)")
-        return DataSource("musdb", root, is_wav)
+        return DataSource("musdb", root, is_wav, stems)
+    if stems:
+        return DataSource("stems", stems=stems)
     for root in (REPO_DIR / "MUSDB18" / "musdb18", REPO_DIR / "MUSDB18" / "musdb18hq", PREVIEW_DIR):
         if (is_wav := musdb_layout(root)) is not None:
             return DataSource("musdb", root, is_wav)
@@ -354,18 +369,23 @@ def require_ffmpeg(why):
 
 def cached_musdb_track(mtrack, cache_dir):
     """A Track of (2, samples) stems at SAMPLE_RATE, decoded and resampled once, then memory-mapped from cache_dir."""
-    path = Path(mtrack.path)
-    stat = path.stat()  # the key changes whenever the file or the settings change
-    key = "|".join(map(str, (path.resolve(), stat.st_size, stat.st_mtime_ns, SAMPLE_RATE, "soxr-HQ", "v1")))
-    folder = Path(cache_dir) / f"{safe_name(mtrack.name)}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
-    files = {name: folder / f"{name}.npy" for name in STEMS}
+    return cached_track(mtrack.name, [mtrack.path], lambda: (musdb_stems(mtrack), mtrack.rate), cache_dir)
+
+
+def cached_track(name, paths, decode, cache_dir):
+    """A Track whose stems decode() gives as ({stem: (channels, samples)}, rate): resampled to SAMPLE_RATE once,
+    saved in cache_dir under a key that changes whenever a file or the settings change, then memory-mapped."""
+    key = "|".join(f"{Path(p).resolve()}|{Path(p).stat().st_size}|{Path(p).stat().st_mtime_ns}" for p in paths)
+    key += f"|{SAMPLE_RATE}|soxr-HQ|v1"
+    folder = Path(cache_dir) / f"{safe_name(name)}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+    files = {stem: folder / f"{stem}.npy" for stem in STEMS}
     if not all(f.exists() for f in files.values()):
-        audio, rate = musdb_stems(mtrack), mtrack.rate
+        audio, rate = decode()
         folder.mkdir(parents=True, exist_ok=True)
-        for name, f in files.items():  # a killed run never leaves a half-written cache entry
-            atomic_write(f, lambda tmp: np.save(tmp, resample(audio[name], rate, SAMPLE_RATE)), suffix=".npy")
-    arrays = {name: np.load(f, mmap_mode="r") for name, f in files.items()}
-    return Track(mtrack.name, arrays["vocals"], arrays["accompaniment"], source=str(path))
+        for stem, f in files.items():  # a killed run never leaves a half-written cache entry
+            atomic_write(f, lambda tmp: np.save(tmp, resample(audio[stem], rate, SAMPLE_RATE)), suffix=".npy")
+    arrays = {stem: np.load(f, mmap_mode="r") for stem, f in files.items()}
+    return Track(name, arrays["vocals"], arrays["accompaniment"], source=str(paths[0]))
 
 
 def musdb_stems(mtrack):
@@ -401,17 +421,150 @@ def safe_name(name):
 
 
 def load_tracks(source, split, n_songs=None, cache_dir=DEFAULT_CACHE_DIR, seed=0, progress=True):
-    """Tracks of 'train', 'valid' (musdb's split of its train subset) or 'test', stems (2, samples)
-    at SAMPLE_RATE; n_songs: the first so many (all, with a warning, if fewer exist)."""
+    """Tracks of 'train', 'valid' (musdb's split of its train subset) or 'test', stems (channels, samples)
+    at SAMPLE_RATE; n_songs: the first so many (all, with a warning, if fewer exist). A DataSource of stems
+    folders alone gives their held-apart tracks as 'valid' (see held_apart)."""
     if source.kind == "synthetic":
         from synthetic import SYNTHETIC_SPLIT_SIZES, synthetic_track  # here: synthetic.py imports this module
         count = n_songs if n_songs is not None else SYNTHETIC_SPLIT_SIZES[split]
         return [synthetic_track(split, i, seed) for i in range(count)]
+    if source.kind == "stems":  # the stems folders' held-apart tracks validate a run without MUSDB18
+        return [t for folder in source.stems for t in load_stems_tracks(folder, split, cache_dir, progress)]
     mtracks = musdb_tracks(source, "test") if split == "test" else musdb_tracks(source, "train", split)
     if n_songs is not None and n_songs > len(mtracks):
         warn(f"--n-songs {n_songs}: only {len(mtracks)} {split} tracks exist in {source.root}; using all")
     todo = tqdm(mtracks[:n_songs], desc=f"loading {split} tracks", unit="track", disable=not progress, leave=False)
     return [cached_musdb_track(t, cache_dir) for t in todo]
+
+
+def training_sources(source, n_songs=None, cache_dir=DEFAULT_CACHE_DIR, seed=0, progress=True):
+    """The training tracks by source, [[Track, ...], ...]: MUSDB18 (n_songs of them) or the synthetic set first,
+    then each stems folder less its held-apart tracks, their stems' levels matched to the first source's."""
+    sources = [] if source.kind == "stems" else [load_tracks(source, "train", n_songs, cache_dir, seed, progress)]
+    sources += [load_stems_tracks(folder, "train", cache_dir, progress) for folder in source.stems]
+    return match_levels(sources)
+
+
+def match_levels(sources):
+    """Scale each source's stems (Track.gains) so that their median RMS over its tracks equals the first source's:
+    a remix drawing MIR-1K's voice (recorded as loud as its karaoke) over MUSDB18's band then sits at MUSDB18's
+    voice-to-band level. The first source keeps gains of 1."""
+    def median_rms(tracks, stem):
+        return float(np.median([np.sqrt(np.mean(np.square(getattr(t, stem), dtype=np.float64))) for t in tracks]))
+    reference = [median_rms(sources[0], stem) for stem in STEMS]
+    matched = [sources[0]]
+    for tracks in sources[1:]:
+        gains = tuple(ref / max(median_rms(tracks, stem), EPS) for ref, stem in zip(reference, STEMS))
+        matched.append([dataclasses.replace(t, gains=gains) for t in tracks])
+    return matched
+
+
+# stems folders: a user's own multitracks, and MIR-1K ----------------------------------------------
+
+ACCOMPANIMENT_PARTS = ("drums", "bass", "other")  # MUSDB18-HQ's stems besides vocals
+HOLD_APART = 0.1  # of a stems folder's tracks, kept out of training (see held_apart)
+
+
+@dataclass
+class StemsEntry:
+    """One track of a stems folder before decoding: its name, the files by stem, and how the accompaniment is
+    made ('accompaniment', 'parts' = drums + bass + other, 'mixture' = mixture - vocals, 'mir1k' = the left
+    channel of a stereo file whose right channel is the voice)."""
+    name: str
+    files: dict
+    layout: str
+
+
+def check_stems_folder(folder, flag="--stems"):
+    """The Path of a stems folder, or DataError in one line."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"{flag} {folder}: no such folder")
+    return folder
+
+
+def stem_file(folder, stem):
+    """folder/<stem>.<any audio extension>, else None."""
+    return next((folder / f"{stem}{ext}" for ext in AUDIO_EXTENSIONS if (folder / f"{stem}{ext}").is_file()), None)
+
+
+def stems_entries(folder, flag="--stems"):
+    """Every track of a stems folder, sorted by name: folders holding vocals.* with accompaniment.*, or drums.*,
+    bass.* and other.*, or mixture.*; or MIR-1K as distributed (Wavfile/*.wav, voice on the right channel)."""
+    folder = check_stems_folder(folder, flag)
+    wav_folder = folder if folder.name == "Wavfile" else folder / "Wavfile"
+    if wav_folder.is_dir() and any(wav_folder.glob("*.wav")):
+        return [StemsEntry(p.stem, {"mir1k": p}, "mir1k") for p in sorted(wav_folder.glob("*.wav"))]
+    entries = []
+    for track in sorted(d for d in folder.iterdir() if d.is_dir()):
+        files = {stem: stem_file(track, stem) for stem in ("vocals", "accompaniment", "mixture") + ACCOMPANIMENT_PARTS}
+        if files["vocals"] is None:
+            continue  # not a track folder
+        if files["accompaniment"] is not None:
+            layout = "accompaniment"
+        elif all(files[part] is not None for part in ACCOMPANIMENT_PARTS):
+            layout = "parts"
+        elif files["mixture"] is not None:
+            layout = "mixture"
+        else:
+            raise DataError(f"{track}: has vocals but no accompaniment.*, mixture.* or drums/bass/other.*")
+        entries.append(StemsEntry(track.name, {k: v for k, v in files.items() if v is not None}, layout))
+    if not entries:
+        raise DataError(f"{flag} {folder}: no tracks found (expected track folders holding vocals.* and "
+                        f"accompaniment.*, mixture.* or drums/bass/other.*, or MIR-1K's Wavfile/*.wav)")
+    return entries
+
+
+def held_apart(names):
+    """The names of a stems folder's tracks kept out of training: whole groups (the name up to its first '_':
+    MIR-1K's singer) from the end of the sorted names, until at least HOLD_APART of the tracks; by single tracks
+    where the groups cannot leave any for training. A fixed set, so that every run holds apart the same."""
+    names = sorted(names)
+    need = math.ceil(HOLD_APART * len(names)) if len(names) > 1 else 0
+    groups = sorted({n.split("_")[0] for n in names})
+    kept = set()
+    while len(kept) < need and groups:
+        group = groups.pop()
+        kept |= {n for n in names if n.split("_")[0] == group}
+    return kept if len(kept) < len(names) else set(names[len(names) - need:])
+
+
+def read_stems(entry):
+    """A stems folder's track at its own rate: ({'vocals', 'accompaniment'}, rate), stems (channels, samples)
+    float32 of one shape (a mono stem is copied to the other's channels; the longer is cut to the shorter)."""
+    if entry.layout == "mir1k":
+        audio, rate = load_audio(entry.files["mir1k"])
+        if audio.shape[0] != 2:
+            raise DataError(f"{entry.files['mir1k']}: MIR-1K's files are stereo (accompaniment left, voice right)")
+        return {"vocals": audio[1:], "accompaniment": audio[:1]}, rate
+    vocals, rate = load_audio(entry.files["vocals"])
+    parts = {"accompaniment": ["accompaniment"], "parts": list(ACCOMPANIMENT_PARTS), "mixture": ["mixture"]}[entry.layout]
+    others = [load_audio(entry.files[part]) for part in parts]
+    stems = [vocals] + [resample(audio, other_rate, rate) for audio, other_rate in others]
+    length = min(x.shape[1] for x in stems)
+    if max(x.shape[1] for x in stems) - length > rate:
+        raise DataError(f"{entry.files['vocals'].parent}: its stems differ in length by more than 1 s")
+    channels = max(x.shape[0] for x in stems)
+    stems = [np.broadcast_to(x[:, :length], (channels, length)) for x in stems]
+    accompaniment = stems[1] - stems[0] if entry.layout == "mixture" else sum(stems[1:])
+    return {"vocals": np.ascontiguousarray(stems[0]), "accompaniment": np.ascontiguousarray(accompaniment)}, rate
+
+
+def stems_split(folder, split, flag="--stems"):
+    """The StemsEntries of a split of a stems folder: 'train' (less the held-apart tracks), 'valid' (those), 'all'."""
+    entries = stems_entries(folder, flag)
+    apart = held_apart([e.name for e in entries])
+    if split == "all":
+        return entries
+    return [e for e in entries if (e.name in apart) == (split == "valid")]
+
+
+def load_stems_tracks(folder, split, cache_dir=DEFAULT_CACHE_DIR, progress=True):
+    """Tracks at SAMPLE_RATE of a split of a stems folder, decoded once, then memory-mapped from cache_dir."""
+    todo = tqdm(stems_split(folder, split), desc=f"loading {split} tracks of {Path(folder).name}", unit="track",
+                disable=not progress, leave=False)
+    return [cached_track(e.name, list(e.files.values()), lambda e=e: read_stems(e), Path(cache_dir) / "stems")
+            for e in todo]
 
 
 # training examples: random remixes cut into patches -----------------------------------------------
@@ -448,32 +601,36 @@ def change_speed(audio, factor, length=PATCH_SAMPLES):
     return np.ascontiguousarray(np.pad(out, ((0, 0), (0, length - out.shape[1]))), dtype=np.float32)
 
 
-def draw_sources(tracks, rng):
-    """Independently drawn tracks and speeds of one remix: ([track per stem], [speed factor per stem])."""
-    return ([tracks[rng.integers(len(tracks))] for _ in STEMS],
-            [rng.uniform(*SPEED_RANGE) for _ in STEMS])
+def draw_sources(sources, weights, rng):
+    """Independently drawn tracks and speeds of one remix: ([track per stem], [speed factor per stem]). Each
+    stem's track comes from a source drawn with probability weights (no draw when there is one source)."""
+    def draw_track():
+        tracks = sources[0] if len(sources) == 1 else sources[rng.choice(len(sources), p=weights)]
+        return tracks[rng.integers(len(tracks))]
+    return [draw_track() for _ in STEMS], [rng.uniform(*SPEED_RANGE) for _ in STEMS]
 
 
-def clip_at_speed(audio, factor, rng, room):
+def clip_at_speed(audio, factor, rng, room, gain=1.0):
     """One source of a filled patch, (channels, samples) -> (n,) float32, n <= room: a random channel
-    at `factor` times the speed, a short track from its start, a long one from a random offset."""
+    at `factor` times the speed and `gain` times the level, a short track from its start, a long one
+    from a random offset."""
     total = audio.shape[1]
     start = random_start(total, rng, math.ceil(PATCH_SAMPLES * factor)) if total / factor > PATCH_SAMPLES else 0
     length = min(total - start, math.ceil(room * factor))
-    part = augment_channel(np.asarray(audio[:, start:start + length], dtype=np.float32), rng)
+    part = augment_channel(np.asarray(audio[:, start:start + length], dtype=np.float32), rng) * np.float32(gain)
     # as change_speed, but keeping the length the resampler gives: the next clip follows without a gap
     part = resample(part[None], length, length / factor, quality="LQ")[0]
     return np.ascontiguousarray(part[:room], dtype=np.float32)
 
 
-def filled_remix(tracks, rng):
+def filled_remix(sources, weights, rng):
     """Short clips laid end to end so that the patch holds music throughout: (vocals, accompaniment), each
     (PATCH_SAMPLES,) float32. A segment's sources start together; the next starts where the longer ends."""
     out = np.zeros((len(STEMS), PATCH_SAMPLES), dtype=np.float32)
     position = 0
     while position < PATCH_SAMPLES:
-        picks, factors = draw_sources(tracks, rng)
-        clips = [clip_at_speed(getattr(track, name), factor, rng, PATCH_SAMPLES - position)
+        picks, factors = draw_sources(sources, weights, rng)
+        clips = [clip_at_speed(getattr(track, name), factor, rng, PATCH_SAMPLES - position, track.gain(name))
                  for name, track, factor in zip(STEMS, picks, factors)]
         for row, clip in zip(out, clips):
             row[position:position + len(clip)] = clip
@@ -481,27 +638,30 @@ def filled_remix(tracks, rng):
     return out[0], out[1]
 
 
-def random_remix(tracks, rng):
-    """One mono example, (vocals, accompaniment) each (PATCH_SAMPLES,) float32: sources from tracks
+def random_remix(sources, weights, rng):
+    """One mono example, (vocals, accompaniment) each (PATCH_SAMPLES,) float32: stems from tracks
     and offsets drawn apart, so that examples are not only the songs as mixed, from random channels
     at random speeds. Drawn tracks both shorter than a patch are followed by more (filled_remix)."""
-    picks, factors = draw_sources(tracks, rng)
+    picks, factors = draw_sources(sources, weights, rng)
     spans = [int(np.ceil(t.vocals.shape[1] / f)) for t, f in zip(picks, factors)]  # after the speed change
     if max(spans) < PATCH_SAMPLES:  # filled_remix draws afresh; this draw stays so a seed gives the batches it gave
-        return filled_remix(tracks, rng)
+        return filled_remix(sources, weights, rng)
     lengths = [int(np.ceil(PATCH_SAMPLES * f)) for f in factors]  # samples to read to fill the patch at that speed
     starts = [random_start(t.vocals.shape[1], rng, n) for t, n in zip(picks, lengths)]
     stems = []
     for name, track, start, factor, length in zip(STEMS, picks, starts, factors, lengths):
-        part = augment_channel(excerpt(getattr(track, name), start, length), rng)
+        part = augment_channel(excerpt(getattr(track, name), start, length), rng) * np.float32(track.gain(name))
         stems.append(change_speed(part[None], factor)[0])
     return stems[0], stems[1]
 
 
-def training_batch(tracks, batch_size, rng):
-    """A batch of random remixes (random_remix) drawn with the numpy Generator rng:
+def training_batch(sources, batch_size, rng, weights=None):
+    """A batch of random remixes (random_remix) drawn with the numpy Generator rng from sources, a list of
+    sources' track lists ([tracks] for one), drawn with probability weights (default equal):
     (vocals, accompaniment), each (batch, PATCH_SAMPLES) float32 numpy arrays."""
-    pairs = [random_remix(tracks, rng) for _ in range(batch_size)]
+    weights = np.full(len(sources), 1.0) if weights is None else np.asarray(weights, dtype=np.float64)
+    weights = weights / weights.sum()
+    pairs = [random_remix(sources, weights, rng) for _ in range(batch_size)]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
@@ -585,7 +745,7 @@ def main(argv=None):
           f"{max(lengths) / SAMPLE_RATE:.1f} s ({n_frames(min(lengths))}-{n_frames(max(lengths))} frames)")
     print(f"STFT: {SAMPLE_RATE} Hz, Hann {N_FFT}, hop {HOP_LENGTH}, {N_BINS} bins; "
           f"patch {N_BINS} x {PATCH_FRAMES} frames = {PATCH_SAMPLES} samples ({PATCH_SAMPLES / SAMPLE_RATE:.1f} s)")
-    vocals, accompaniment = training_batch(train, 16, np.random.default_rng(args.seed))
+    vocals, accompaniment = training_batch([train], 16, np.random.default_rng(args.seed))
     mixture, target = patch_spectrograms(torch.from_numpy(vocals), torch.from_numpy(accompaniment))
     mask = print_statistics("training batch (random remixes)", mixture, target)
     if valid:  # every patch of the validation songs as mixed

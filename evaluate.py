@@ -5,7 +5,8 @@ irm (the ideal ratio mask |vocals| / |mixture| at the model's STFT, same path: t
 Per-track JSON in museval's format goes to --output-dir/<method>/, the summary to --output-dir/summary.json.
 
     python evaluate.py --musdb-root ../shared/data/MUSDB18-7 --subset train --split valid --methods model,mix,irm
-    python evaluate.py --folder my_tracks/                   # folders holding mixture.wav and vocals.wav
+    python evaluate.py --folder my_tracks/                   # track folders: vocals.* and accompaniment.* or mixture.*
+    python evaluate.py --stems ../shared/data/MIR-1K         # the tracks train.py --stems held apart from training
 """
 import argparse
 import functools
@@ -37,22 +38,15 @@ def musdb_eval_tracks(root, subset, split, limit=None):
         yield track.name, stems.pop("mixture"), stems, int(track.rate)
 
 
-def folder_eval_tracks(folder, limit=None):
-    """Yield (name, mixture, references, rate), as musdb_eval_tracks, of folders holding mixture.wav and vocals.wav."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise dg.DataError(f"--folder {folder}: no such folder")
-    track_dirs = sorted(d for d in folder.iterdir() if (d / "mixture.wav").exists() and (d / "vocals.wav").exists())
-    if not track_dirs:
-        raise dg.DataError(f"--folder {folder}: no track folders with mixture.wav and vocals.wav")
-    for d in track_dirs[:limit]:
-        mixture, rate = dg.load_audio(d / "mixture.wav")
-        vocals, vocals_rate = dg.load_audio(d / "vocals.wav")
-        if vocals_rate != rate or vocals.shape != mixture.shape:
-            raise dg.DataError(f"{d}: vocals.wav does not match mixture.wav in rate, channels or length")
-        given = d / "accompaniment.wav"
-        accompaniment = dg.load_audio(given)[0] if given.exists() else mixture - vocals
-        yield d.name, mixture, {"vocals": vocals, "accompaniment": accompaniment}, rate
+def folder_eval_tracks(folder, limit=None, split="all", flag="--folder"):
+    """Yield (name, mixture, references, rate), as musdb_eval_tracks, of a stems folder's tracks (any layout
+    train.py --stems reads); split 'valid': only the tracks that train.py held apart from training."""
+    entries = dg.stems_split(folder, split, flag)
+    if not entries:
+        raise dg.DataError(f"{flag} {folder}: no tracks to score")
+    for entry in entries[:limit]:
+        references, rate = dg.read_stems(entry)
+        yield entry.name, references["vocals"] + references["accompaniment"], references, rate
 
 
 def estimate(method, mixture, references, rate, mask_fn, options):
@@ -160,8 +154,10 @@ def main():
     parser.add_argument("--musdb-root", default=None, help="MUSDB18 folder (stems or HQ wav)")
     parser.add_argument("--subset", default="test", choices=["train", "test"], help="MUSDB18 subset")
     parser.add_argument("--split", default="valid", choices=["train", "valid"], help="split of the train subset")
-    parser.add_argument("--folder", default=None, help="instead of --musdb-root: folders holding mixture.wav and "
-                        "vocals.wav (and accompaniment.wav, else mixture - vocals)")
+    parser.add_argument("--folder", default=None, help="instead of --musdb-root: every track of a folder of track "
+                        "folders (vocals.* with accompaniment.*, mixture.* or drums/bass/other.*)")
+    parser.add_argument("--stems", default=None, help="instead of --musdb-root: the tracks of a stems folder that "
+                        "train.py --stems holds apart from training (e.g. MIR-1K's last two singers)")
     parser.add_argument("--methods", default="model", help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--tracks", type=int, default=None, help="score only the first N tracks")
     parser.add_argument("--output-dir", default="outputs/eval", help="per-track JSON per method, and summary.json")
@@ -172,16 +168,20 @@ def main():
         if not methods or any(m not in METHODS for m in methods):
             raise dg.DataError(f"--methods takes {', '.join(METHODS)}; got {args.methods!r}")
         inference.check_separator_args(args)
-        if (args.musdb_root is None) == (args.folder is None):
-            raise dg.DataError("give exactly one of --musdb-root or --folder")
+        if sum(x is not None for x in (args.musdb_root, args.folder, args.stems)) != 1:
+            raise dg.DataError("give exactly one of --musdb-root, --folder or --stems")
         museval_metrics()  # before anything is separated
         mask_fn, options = None, dict(shifts=args.shifts, wiener=args.wiener)
         if "model" in methods:
             mask_fn, checkpoint, line = inference.load_mask_fn(args.checkpoint, args.cpu)
             options["target"] = checkpoint.get("target", "vocals")
             print(line)
-        tracks = (folder_eval_tracks(args.folder, args.tracks) if args.folder
-                  else musdb_eval_tracks(args.musdb_root, args.subset, args.split, args.tracks))
+        if args.musdb_root is not None:
+            tracks = musdb_eval_tracks(args.musdb_root, args.subset, args.split, args.tracks)
+        elif args.folder is not None:
+            tracks = folder_eval_tracks(args.folder, args.tracks)
+        else:
+            tracks = folder_eval_tracks(args.stems, args.tracks, "valid", "--stems")
         started = time.time()
         per_track, summary = evaluate(tracks, methods, mask_fn, options, args.output_dir)
     except (dg.DataError, CheckpointError) as e:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import data_generator as dg
 import evaluate
 import inference
-from unet_model import (CheckpointError, UNet, UNetConfig, amp_dtype, masked_l1_loss, read_checkpoint,
+from unet_model import (CheckpointError, UNet, UNetConfig, amp_dtype, load_model, masked_l1_loss, read_checkpoint,
                         save_checkpoint, stored_config, train_step)
 
 # An epoch ends with a validation, which costs as much as many training steps. On a few short songs (the
@@ -47,16 +47,24 @@ parser.add_argument("--musdb-root", default=None, help="MUSDB18 folder (stems or
                     "in the repo, else the 7 s preview download, else the built-in synthetic set")
 parser.add_argument("--download", action="store_true", help="download the 7 s previews without asking")
 parser.add_argument("--synthetic", action="store_true", help="train on the built-in synthetic set")
+parser.add_argument("--stems", action="append", default=[], metavar="DIR", help="also train on a folder of track "
+                    "folders (vocals.* + accompaniment.*, mixture.* or drums/bass/other.*) or MIR-1K; repeatable; "
+                    "used whole less a held-apart tenth, which validates a run without --musdb-root")
+parser.add_argument("--source-weights", type=float, nargs="+", default=None, metavar="W", help="how often each "
+                    "source is drawn for a remix's vocals and, apart, its accompaniment: MUSDB18 first, then each "
+                    "--stems (default: equal)")
+parser.add_argument("--init", default=None, metavar="CHECKPOINT", help="start from this model's weights (fine-tuning: "
+                    "fresh optimiser and schedule)")
 parser.add_argument("--cache-dir", default=str(dg.DEFAULT_CACHE_DIR), help="decoded 8192 Hz audio is cached here")
 parser.add_argument("--target", default="vocals", choices=dg.STEMS, help="source the mask extracts "
                     "(accompaniment: the original material's instrumental model)")
-parser.add_argument("--n-songs", type=int, default=10, help="training tracks to use")
+parser.add_argument("--n-songs", type=int, default=10, help="MUSDB18 training tracks to use")
 parser.add_argument("--n-channels", type=int, default=16, help="first-layer width; layer k has n_channels * 2**k")
 parser.add_argument("--epochs", type=int, default=20, help="passes over the training audio (see the printed plan)")
 parser.add_argument("--time-budget", type=float, default=None, metavar="MIN", help="size the epochs so that the "
                     "whole run, loading and validation included, takes about MIN minutes on this machine")
 parser.add_argument("--batch-size", type=int, default=16, help="patches per step (per process under torchrun)")
-parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of Adam (warm-up, cosine decay)")
+parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of Adam (warm-up, cosine decay to 0)")
 parser.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
 parser.add_argument("--seed", type=int, default=0, help="random seed")
 parser.add_argument("--workers", type=int, default=None, help="processes building batches beside the step (same batches "
@@ -77,6 +85,10 @@ for name, value, low in (("--batch-size", args.batch_size, 1), ("--epochs", args
 for name, value in (("--lr", args.lr), ("--time-budget", args.time_budget)):
     if value is not None and not value > 0:
         fail(f"{name} must be positive, got {value}")
+if args.source_weights is not None and (min(args.source_weights) < 0 or not sum(args.source_weights) > 0):
+    fail(f"--source-weights must be at least 0 and not all 0, got {' '.join(map(str, args.source_weights))}")
+if args.init is not None and args.resume:
+    fail("--init starts a new run and --resume continues one: give one of them")
 
 # DDP: torchrun sets RANK; every process trains on its own remixes, rank 0 alone logs and saves
 ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -127,18 +139,46 @@ if args.resume:
     if checkpoint.get("target", "vocals") != args.target:
         fail(f"--resume: {last_path} was trained with --target {checkpoint['target']}, not {args.target}")
 
+init_weights = None
+if args.init is not None:  # checked before the data are loaded: a wrong checkpoint fails in seconds
+    try:
+        init_model, init_checkpoint = load_model(args.init, expected_spec=dg.SPEC_CONFIG)
+    except CheckpointError as e:
+        fail(f"--init: {e}")
+    if init_model.config.n_channels != args.n_channels:
+        fail(f"--init {args.init}: a model of --n-channels {init_model.config.n_channels}, this run's is "
+             f"{args.n_channels}; give --n-channels {init_model.config.n_channels}")
+    if init_checkpoint.get("target", "vocals") != args.target:
+        fail(f"--init {args.init}: trained with --target {init_checkpoint['target']}, not {args.target}")
+    init_weights = init_model.state_dict()
+
 # data
 try:
     source = dg.find_data_source(args.musdb_root, args.download, args.synthetic,
-                                 interactive=None if master else False)
+                                 interactive=None if master else False, stems=args.stems)
     log(f"dataset: {source.describe()}")
-    train_tracks = dg.load_tracks(source, "train", args.n_songs, args.cache_dir, args.seed, progress=master)
+    train_sources = dg.training_sources(source, args.n_songs, args.cache_dir, args.seed, progress=master)
     valid_tracks = dg.load_tracks(source, "valid", None, args.cache_dir, args.seed, progress=master)
 except dg.DataError as e:
     fail(str(e))
-if not train_tracks or not valid_tracks:
-    fail(f"{source.describe()}: needs training and validation tracks, found {len(train_tracks)} and {len(valid_tracks)}")
-log(f"tracks: {len(train_tracks)} train, {len(valid_tracks)} validation; each patch a random remix of them")
+train_tracks = [track for tracks in train_sources for track in tracks]
+if not all(train_sources) or not valid_tracks:
+    fail(f"{source.describe()}: needs training tracks in every source and validation tracks, found "
+         f"{' + '.join(str(len(tracks)) for tracks in train_sources)} and {len(valid_tracks)}")
+source_weights = args.source_weights or [1.0] * len(train_sources)
+if len(source_weights) != len(train_sources):
+    fail(f"--source-weights: {len(source_weights)} given for {len(train_sources)} sources (MUSDB18 or the synthetic "
+         f"set, then each --stems)")
+log(f"tracks: {' + '.join(str(len(tracks)) for tracks in train_sources)} train, {len(valid_tracks)} validation; "
+    f"each patch a random remix of them")
+if len(train_sources) > 1:
+    gains = "; ".join(f"vocals x{tracks[0].gains[0]:.2f}, accompaniment x{tracks[0].gains[1]:.2f}"
+                      for tracks in train_sources[1:])
+    log(f"sources drawn with weights {' : '.join(f'{w:g}' for w in source_weights)}; the other sources' stems "
+        f"scaled to the first's levels ({gains})")
+if source.kind == "stems":
+    log(f"validation: the held-apart tracks of the stems folders, {valid_tracks[0].name} ... {valid_tracks[-1].name} "
+        f"(never trained on)")
 
 
 class TrainingBatches(torch.utils.data.Dataset):
@@ -151,7 +191,7 @@ class TrainingBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         stream = np.random.default_rng([args.seed, rank, self.key, k])
-        vocals, accompaniment = dg.training_batch(train_tracks, args.batch_size, stream)
+        vocals, accompaniment = dg.training_batch(train_sources, args.batch_size, stream, source_weights)
         return torch.from_numpy(vocals), torch.from_numpy(accompaniment)
 
 
@@ -212,6 +252,9 @@ model = UNet(model_config).to(device, memory_format=torch.channels_last)  # fast
 optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
 scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)  # bf16 needs no scaling
 start_epoch, step, best_val_loss, best_val_sdr, history = 0, 0, float("inf"), float("-inf"), []
+if init_weights is not None:
+    model.load_state_dict(init_weights)
+    log(f"initialised from {args.init} (its weights; a fresh optimiser and learning-rate schedule)")
 if checkpoint is not None:
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
@@ -355,7 +398,8 @@ def plan_by_budget():
 if by_budget:
     steps_per_epoch = plan_by_budget()
 
-# the loop: linear warm-up, then cosine decay of the learning rate to lr / 10 at the last step
+# the loop: linear warm-up, then cosine decay of the learning rate to 0 at the last step, so that the last epochs
+# settle on one model instead of each taking a different step across the loss surface (RESULTS.md, steadier recipe)
 total_steps = args.epochs * steps_per_epoch
 warmup_steps = min(WARMUP_STEPS, total_steps // 5)  # short runs must not spend most steps warming up
 
@@ -364,7 +408,7 @@ def get_lr(it):
     if it < warmup_steps:
         return args.lr * (it + 1) / warmup_steps
     progress = min(1.0, (it - warmup_steps) / max(1, total_steps - warmup_steps))
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def on_ctrl_c(signum, frame):

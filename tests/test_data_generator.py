@@ -230,7 +230,7 @@ def test_random_remix_mixes_different_songs():
     n = 15 * dg.SAMPLE_RATE
     tracks = [dg.Track(f"song{i}", np.full((2, n), level, np.float32), np.full((2, n), -level, np.float32))
               for i, level in enumerate(levels)]
-    vocals, accompaniment = dg.training_batch(tracks, 16, np.random.default_rng(0))
+    vocals, accompaniment = dg.training_batch([tracks], 16, np.random.default_rng(0))
     assert vocals.shape == accompaniment.shape == (16, dg.PATCH_SAMPLES) and vocals.dtype == np.float32
     inner = slice(1000, -1000)  # away from the resampler's edges
     songs = []
@@ -248,7 +248,7 @@ def test_long_tracks_give_one_excerpt_per_source_at_a_random_speed_from_a_random
     n, slope = 15 * dg.SAMPLE_RATE, 0.5 / (15 * dg.SAMPLE_RATE)
     ramp = (0.2 + slope * np.arange(n)).astype(np.float32)
     tracks = [dg.Track(f"ramp{i}", np.stack([ramp, -ramp]), np.stack([ramp, -ramp])) for i in range(2)]
-    vocals, accompaniment = dg.training_batch(tracks, 12, np.random.default_rng(1))
+    vocals, accompaniment = dg.training_batch([tracks], 12, np.random.default_rng(1))
     inner = np.arange(1000, dg.PATCH_SAMPLES - 1000)
     factors, signs = [], []
     for x in np.concatenate([vocals, accompaniment]):
@@ -264,7 +264,7 @@ def test_long_tracks_give_one_excerpt_per_source_at_a_random_speed_from_a_random
 
 def test_patch_spectrograms_are_normalised_patches():
     tracks = [synthetic.synthetic_track("train", i, seconds=13) for i in range(3)]
-    vocals, accompaniment = dg.training_batch(tracks, 8, np.random.default_rng(0))
+    vocals, accompaniment = dg.training_batch([tracks], 8, np.random.default_rng(0))
     mixture, target = dg.patch_spectrograms(torch.from_numpy(vocals), torch.from_numpy(accompaniment))
     assert mixture.shape == target.shape == (8, 1, 512, 128)
     # normalised: mean 1 over the frames that hold sound
@@ -279,9 +279,9 @@ def test_patch_spectrograms_are_normalised_patches():
 
 def test_training_batches_are_the_same_for_the_same_seed():
     tracks = [synthetic.synthetic_track("train", i, seconds=6) for i in range(3)]
-    a = dg.training_batch(tracks, 3, np.random.default_rng(5))
-    b = dg.training_batch(tracks, 3, np.random.default_rng(5))
-    c = dg.training_batch(tracks, 3, np.random.default_rng(6))
+    a = dg.training_batch([tracks], 3, np.random.default_rng(5))
+    b = dg.training_batch([tracks], 3, np.random.default_rng(5))
+    c = dg.training_batch([tracks], 3, np.random.default_rng(6))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.allclose(a[0], c[0])
 
@@ -321,7 +321,7 @@ def test_filled_patches_hold_whole_remixes_end_to_end():
     levels, tracks = constant_clips(seconds)
     rng = np.random.default_rng(2)
     for _ in range(10):
-        vocals, accompaniment = dg.random_remix(tracks, rng)
+        vocals, accompaniment = dg.random_remix([tracks], [1.0], rng)
         assert vocals.shape == accompaniment.shape == (dg.PATCH_SAMPLES,)
         assert (np.abs(vocals) + np.abs(accompaniment) > 0).all()  # music throughout, no padding
         v_runs, a_runs = segment_bounds(vocals, levels), segment_bounds(accompaniment, levels)
@@ -341,7 +341,7 @@ def test_filled_patches_with_speed_changes_have_no_gaps():
     levels, tracks = constant_clips([6.8] * 6)
     rng = np.random.default_rng(3)
     for _ in range(10):
-        vocals, accompaniment = dg.random_remix(tracks, rng)
+        vocals, accompaniment = dg.random_remix([tracks], [1.0], rng)
         assert (np.abs(vocals) + np.abs(accompaniment) > 0).all()
         v_runs, a_runs = segment_bounds(vocals, levels), segment_bounds(accompaniment, levels)
         assert 2 <= len(v_runs) == len(a_runs) <= 3

@@ -131,7 +131,7 @@ def test_evaluate_on_a_folder_of_tracks(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--methods", "mix,best"], "--methods takes model, mix, irm"),
-    (["--methods", "mix"], "give exactly one of --musdb-root or --folder"),
+    (["--methods", "mix"], "give exactly one of --musdb-root, --folder or --stems"),
     (["--methods", "mix", "--folder", "/nonexistent/tracks"], "no such folder")])
 def test_bad_evaluate_flags(flags, message, tmp_path):
     result = run_script("evaluate.py", *flags, "--output-dir", tmp_path / "eval")
