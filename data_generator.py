@@ -213,6 +213,15 @@ def to_patches(spec, hop):
     return padded.unfold(-1, PATCH_FRAMES, hop).movedim(-2, -3)
 
 
+def loop_to(audio, length):
+    """(..., n) -> (..., length): audio again and again from its start. A patch reaching past a recording's end is
+    filled so, because the network trained on patches full of music (filled_remix): zeros there would be an
+    input it never saw, and the masks of short clips such as the 7 s previews would suffer (RESULTS.md)."""
+    if audio.shape[-1] == 0:
+        return audio.new_zeros(*audio.shape[:-1], length)
+    return audio.repeat(*([1] * (audio.dim() - 1)), -(-length // audio.shape[-1]))[..., :length]
+
+
 def patch_window(device="cpu"):
     """(128,) cross-fade weights over a patch's frames: a triangle that never reaches zero, so that
     neighbouring patches blend without seams and frames covered once keep their value."""
@@ -674,11 +683,12 @@ def patch_spectrograms(vocals, accompaniment, target="vocals"):
 
 
 def validation_patches(track, target="vocals"):
-    """Every patch of every channel of a track as mixed, on inference's half-overlapping grid:
-    (mixture, target) normalised magnitudes, each (n, 1, 512, 128)."""
+    """Every patch of every channel of a track as mixed, on inference's half-overlapping grid, the end filled
+    as the separator fills it (loop_to): (mixture, target) normalised magnitudes, each (n, 1, 512, 128)."""
     hop = patch_hop(0.5)
-    vocals = torch.from_numpy(np.array(track.vocals, dtype=np.float32))  # a copy: the cache is read-only
-    accompaniment = torch.from_numpy(np.array(track.accompaniment, dtype=np.float32))
+    frames = (n_patches(n_frames(track.vocals.shape[1]), hop) - 1) * hop + PATCH_FRAMES  # the whole grid, filled
+    vocals, accompaniment = (loop_to(torch.from_numpy(np.array(x, dtype=np.float32)), (frames - 1) * HOP_LENGTH)
+                             for x in (track.vocals, track.accompaniment))  # copies: the cache is read-only
     mixture_mag = to_patches(stft(vocals + accompaniment).abs(), hop).flatten(0, 1)
     target_mag = to_patches(stft(vocals if target == "vocals" else accompaniment).abs(), hop).flatten(0, 1)
     return tuple(m.unsqueeze(1) for m in normalise(mixture_mag, target_mag))

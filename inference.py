@@ -175,7 +175,11 @@ class MaskStream:
         return PATCHES_PER_CALL if patch_samples(self.next_patch, PATCHES_PER_CALL)[1] <= self.low.end else 0
 
     def _predict(self, first, count):
-        segment = self.low.read(*patch_samples(first, count))
+        start, end = patch_samples(first, count)
+        segment = self.low.read(start, end)
+        if self.done and end > self.low.end:  # past the recording's end: its music again, not silence (dg.loop_to)
+            music = segment[..., max(0, -start):self.low.end - start]
+            segment = torch.cat([segment[..., :self.low.end - start], dg.loop_to(music, end - self.low.end)], dim=-1)
         magnitude = dg.stft(segment, center=False).abs()  # (channels, 512, frames of these patches)
         (normalised,) = dg.normalise(dg.to_patches(magnitude, PATCH_HOP))  # (channels, count, 512, 128)
         total, weight = dg.overlap_add(self.mask_fn(normalised, first), PATCH_HOP)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -86,3 +87,29 @@ def write_bad_checkpoint(problem, path):
         torch.save(checkpoint, path)
     elif problem == "not_ours":
         torch.save({"weights": 1}, path)
+
+
+def make_stems_folder(root, names, layout="accompaniment", seconds=3.0, rate=16000, mono=False):
+    """A folder of track folders of synthetic songs in one of the layouts train.py --stems reads:
+    'accompaniment' (vocals + accompaniment), 'mixture' (vocals + mixture), 'parts' (vocals + drums,
+    bass, other), as .flac; or 'mir1k' (MIR-1K as distributed: Wavfile/<name>.wav, accompaniment on
+    the left, voice on the right). Returns {name: synthetic Track} (stereo, or the first channel)."""
+    import data_generator as dg
+    import synthetic
+    tracks = {}
+    for i, name in enumerate(names):
+        track = synthetic.synthetic_track("train", i, rate=rate, seconds=seconds)
+        vocals, accompaniment = (track.vocals[:1], track.accompaniment[:1]) if mono else (track.vocals, track.accompaniment)
+        tracks[name] = dg.Track(name, vocals, accompaniment)
+        if layout == "mir1k":
+            (root / "Wavfile").mkdir(parents=True, exist_ok=True)
+            sf.write(str(root / "Wavfile" / f"{name}.wav"), np.concatenate([accompaniment[:1], vocals[:1]]).T, rate)
+            continue
+        folder = root / name
+        folder.mkdir(parents=True)
+        files = {"accompaniment": {"accompaniment": accompaniment}, "mixture": {"mixture": vocals + accompaniment},
+                 "parts": {part: accompaniment / 3 for part in ("drums", "bass", "other")}}[layout]
+        for stem, audio in dict(vocals=vocals, **files).items():
+            sf.write(str(folder / f"{stem}.flac"), audio.T, rate)
+    return tracks
+

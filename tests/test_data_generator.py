@@ -7,12 +7,14 @@ import sys
 import time
 
 import numpy as np
+import soundfile as sf
 import pytest
 import torch
 
 import data_generator as dg
 import synthetic
-from conftest import make_wav_dataset, MUSDB7, REPO, assert_one_line_error, needs_ffmpeg, needs_shared, run_script
+from conftest import (make_stems_folder, make_wav_dataset, MIR1K, MUSDB7, REPO, assert_one_line_error, needs_ffmpeg,
+                      needs_shared, run_script)
 
 
 # -----------------------------------------------------------------------------
@@ -386,3 +388,109 @@ def test_sanity_check_errors_are_one_line_and_write_nothing(tmp_path, args, word
     assert_one_line_error(result, *words)
     assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
     assert list(tmp_path.iterdir()) == []
+
+
+# stems folders (train.py --stems) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["accompaniment", "mixture", "parts", "mir1k"])
+def test_every_stems_layout_reads_the_same_stems(layout, tmp_path):
+    """vocals + accompaniment, vocals + mixture (accompaniment = mixture - vocals), vocals + drums, bass, other
+    (summed), and MIR-1K's stereo files (accompaniment left, voice right) give back the stems that were written."""
+    written = make_stems_folder(tmp_path, ["b_song_1", "a_song_2"], layout)
+    entries = dg.stems_entries(tmp_path)
+    assert [e.name for e in entries] == ["a_song_2", "b_song_1"] and {e.layout for e in entries} == {layout}
+    stems, rate = dg.read_stems(entries[0])
+    expected = written["a_song_2"]
+    channels = 1 if layout == "mir1k" else 2
+    assert rate == 16000 and stems["vocals"].shape == stems["accompaniment"].shape == (channels, 48000)
+    assert np.abs(stems["vocals"] - expected.vocals[:channels]).max() < 1e-4  # 16-bit flac/wav rounding
+    assert np.abs(stems["accompaniment"] - expected.accompaniment[:channels]).max() < 1e-3
+
+
+def test_stems_tracks_are_cached_at_8192_hz_and_a_mono_stem_meets_a_stereo_one(tmp_path):
+    folder = tmp_path / "stems" / "song_1"
+    folder.mkdir(parents=True)
+    t = np.arange(44100 * 2) / 44100
+    sf.write(str(folder / "vocals.wav"), 0.3 * np.sin(2 * np.pi * 440 * t), 44100)  # mono
+    sf.write(str(folder / "accompaniment.ogg"), np.stack([0.1 * np.sin(2 * np.pi * 110 * t)] * 2).T, 44100)
+    tracks = dg.load_stems_tracks(tmp_path / "stems", "all", tmp_path / "cache", progress=False)
+    assert len(tracks) == 1 and tracks[0].vocals.shape == tracks[0].accompaniment.shape == (2, 2 * dg.SAMPLE_RATE)
+    assert np.array_equal(tracks[0].vocals[0], tracks[0].vocals[1])  # the mono voice on both channels
+    assert list((tmp_path / "cache").rglob("vocals.npy")) and not list((tmp_path / "stems").rglob("*.npy"))
+    again = dg.load_stems_tracks(tmp_path / "stems", "all", tmp_path / "cache", progress=False)
+    assert isinstance(again[0].vocals, np.memmap)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda root: None, "no such folder"),
+    (lambda root: (root / "empty").mkdir(parents=True), "no tracks found"),
+    (lambda root: (root / "song").mkdir(parents=True) or sf.write(str(root / "song" / "vocals.wav"), np.zeros(800), 8000),
+     "has vocals but no accompaniment"),
+])
+def test_stems_folder_problems_are_one_line(make, message, tmp_path):
+    make(tmp_path / "in")
+    root = tmp_path / "in" / "empty" if message == "no tracks found" else tmp_path / "in"
+    with pytest.raises(dg.DataError, match=message):
+        dg.stems_entries(root)
+
+
+def test_stems_of_very_different_lengths_are_refused(tmp_path):
+    (tmp_path / "song").mkdir()
+    sf.write(str(tmp_path / "song" / "vocals.wav"), np.zeros(8000 * 5), 8000)
+    sf.write(str(tmp_path / "song" / "accompaniment.wav"), np.zeros(8000 * 3), 8000)
+    with pytest.raises(dg.DataError, match="differ in length by more than 1 s"):
+        dg.read_stems(dg.stems_entries(tmp_path)[0])
+
+
+def test_held_apart_tracks_are_whole_groups_from_the_end_of_the_names():
+    """MIR-1K's clips are <singer>_<song>_<n>: the last singers by name, at least a tenth of the clips.
+    Names without groups: the last tenth. One group: the last tenth of its tracks. One track: none."""
+    names = [f"{singer}_{song}_{n:02d}" for singer in ("Ani", "amy", "bob", "titon", "yifen") for song in (1, 2)
+             for n in range(1, 5)]  # 40 clips, 8 per singer
+    assert dg.held_apart(names) == {n for n in names if n.startswith(("yifen",))}  # 8 >= 4
+    few = [n for n in names if not n.startswith("yifen")][:20] + names[-2:]  # Ani 8, amy 8, bob 4, yifen 2
+    assert dg.held_apart(few) == set(names[-2:]) | {n for n in few if n.startswith("bob")}  # 2 < 3 needed: and bob
+    assert dg.held_apart([f"Artist {i} - Song" for i in range(10, 30)]) == {"Artist 28 - Song", "Artist 29 - Song"}
+    assert dg.held_apart([f"take_{i:02d}" for i in range(20)]) == {"take_18", "take_19"}
+    assert dg.held_apart(["only"]) == set()
+
+
+def test_stems_splits_partition_the_folder(tmp_path):
+    make_stems_folder(tmp_path, [f"s{i}_x" for i in range(12)], seconds=0.5)
+    train, valid = (dg.stems_split(tmp_path, split) for split in ("train", "valid"))
+    assert [e.name for e in valid] == ["s8_x", "s9_x"]  # sorted as strings: s0, s1, s10, s11, s2, ..., s9
+    assert len(train) == 10 and not {e.name for e in train} & {e.name for e in valid}
+
+
+def test_levels_of_other_sources_are_matched_to_the_first():
+    """Gains make each source's median stem RMS the first source's; the first keeps 1 (its batches unchanged)."""
+    def tracks(vocals_level, accompaniment_level, n=5):
+        return [dg.Track(f"t{i}", np.full((1, 800), vocals_level * (1 + i / 10), np.float32),
+                         np.full((1, 800), accompaniment_level, np.float32)) for i in range(n)]
+    musdb, mir = dg.match_levels([tracks(0.05, 0.2), tracks(0.2, 0.2)])
+    assert all(t.gains == (1.0, 1.0) for t in musdb)
+    assert mir[0].gains == pytest.approx((0.25, 1.0))
+
+
+def test_source_weights_decide_where_each_stem_comes_from():
+    """Weights 1 : 0 never draw the second source; equal weights draw both, vocals and accompaniment apart."""
+    first = [dg.Track(f"a{i}", np.full((1, 2 * dg.PATCH_SAMPLES), 0.1, np.float32),
+                      np.full((1, 2 * dg.PATCH_SAMPLES), 0.2, np.float32)) for i in range(3)]
+    second = [dg.Track(f"b{i}", np.full((1, 2 * dg.PATCH_SAMPLES), 0.5, np.float32),
+                       np.full((1, 2 * dg.PATCH_SAMPLES), 0.7, np.float32)) for i in range(3)]
+    vocals, accompaniment = dg.training_batch([first, second], 64, np.random.default_rng(0), weights=[1, 0])
+    assert np.allclose(np.median(vocals, axis=1), 0.1, atol=0.01) and np.allclose(np.median(accompaniment, axis=1), 0.2, atol=0.01)
+    vocals, accompaniment = dg.training_batch([first, second], 64, np.random.default_rng(0))
+    from_second = np.median(vocals, axis=1) > 0.3, np.median(accompaniment, axis=1) > 0.45
+    assert 16 < from_second[0].sum() < 48 and 16 < from_second[1].sum() < 48
+    assert (from_second[0] != from_second[1]).any()  # MIR-1K vocals over MUSDB18 accompaniment happen
+    same = dg.training_batch([first], 4, np.random.default_rng(3))
+    assert all(np.array_equal(a, b) for a, b in zip(same, dg.training_batch([first], 4, np.random.default_rng(3), [7.0])))
+
+
+@pytest.mark.skipif(not MIR1K.is_dir(), reason="../shared/data/MIR-1K not present")
+def test_mir1k_as_shared_holds_15_singers_and_two_are_held_apart():
+    entries = dg.stems_entries(MIR1K)
+    assert len(entries) == 823 and {e.layout for e in entries} == {"accompaniment"}
+    apart = dg.held_apart([e.name for e in entries])
+    assert {n.split("_")[0] for n in apart} == {"titon", "yifen"} and len(apart) == 110

@@ -10,7 +10,7 @@ import soundfile as sf
 
 import data_generator as dg
 import evaluate
-from conftest import MUSDB7, assert_one_line_error, needs_ffmpeg, needs_shared, run_script
+from conftest import MUSDB7, assert_one_line_error, make_stems_folder, needs_ffmpeg, needs_shared, run_script
 
 
 def stems(seconds, rate, seed=0):
@@ -129,7 +129,24 @@ def test_evaluate_on_a_folder_of_tracks(tmp_path):
         "SDR", "SIR", "SAR", "ISR"}
 
 
+def test_evaluate_stems_scores_only_what_training_held_apart(tmp_path):
+    """--stems: the tracks train.py --stems kept out of training (here the last of 12); --folder: all of them,
+    in any stems layout (here MIR-1K's stereo files)."""
+    make_stems_folder(tmp_path / "mine", [f"s{i:02d}_x" for i in range(12)], "parts", seconds=2)
+    result = run_script("evaluate.py", "--stems", tmp_path / "mine", "--methods", "mix", "--shifts", "1",
+                        "--output-dir", tmp_path / "eval", timeout=600)
+    assert result.returncode == 0, result.stderr
+    per_track = json.loads((tmp_path / "eval" / "summary.json").read_text())["per_track"]["mix"]
+    assert sorted(per_track) == ["s10_x", "s11_x"]
+    make_stems_folder(tmp_path / "mir", ["a_1", "b_1", "c_1"], "mir1k", seconds=2)
+    result = run_script("evaluate.py", "--folder", tmp_path / "mir", "--methods", "mix", "--shifts", "1",
+                        "--output-dir", tmp_path / "eval2", timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert sorted(json.loads((tmp_path / "eval2" / "summary.json").read_text())["per_track"]["mix"]) == ["a_1", "b_1", "c_1"]
+
+
 @pytest.mark.parametrize("flags,message", [
+    (["--methods", "mix", "--stems", "/nonexistent/stems"], "--stems /nonexistent/stems: no such folder"),
     (["--methods", "mix,best"], "--methods takes model, mix, irm"),
     (["--methods", "mix"], "give exactly one of --musdb-root, --folder or --stems"),
     (["--methods", "mix", "--folder", "/nonexistent/tracks"], "no such folder")])

@@ -56,7 +56,8 @@ def test_streaming_in_small_blocks_equals_one_block(tiny_checkpoint, shifts):
 
 def reference_separation(audio, rate, mask_fn, shifts=1):
     """The separator written the plain way, on whole arrays, to check the streaming engine: with
-    shifts, the masks of copies delayed by shift_delays samples, realigned and averaged."""
+    shifts, the masks of copies delayed by shift_delays samples, realigned and averaged; the last
+    patch filled past the end with the recording from its start (short inputs are one group)."""
     hop = dg.PATCH_FRAMES // 2
     n_fft, hop_f = inference.full_band_stft_size(rate)
     window = torch.hann_window(n_fft)
@@ -67,8 +68,10 @@ def reference_separation(audio, rate, mask_fn, shifts=1):
     for delay in inference.shift_delays(rate, shifts):
         low = soxr.resample(inference.delayed(audio, delay).T, rate, dg.SAMPLE_RATE, quality="HQ")
         low = torch.from_numpy(low.T.copy())
-        patches = dg.to_patches(dg.stft(low).abs(), hop)
         frames = dg.n_frames(low.shape[1])
+        grid = (dg.n_patches(frames, hop) - 1) * hop + dg.PATCH_FRAMES  # past the end: the music again from its start
+        filled = dg.loop_to(low, (grid - 1) * dg.HOP_LENGTH + dg.N_FFT // 2)
+        patches = dg.to_patches(dg.stft(filled).abs()[..., :grid], hop)
         mask = dg.from_patches(mask_fn(dg.normalise(patches)[0], 0), hop, frames).numpy()  # (C, 512, frames)
         at = (times + delay / rate) * dg.SAMPLE_RATE / dg.HOP_LENGTH
         masks.append([[np.interp(at, np.arange(frames), mask[c, b]) for b in range(512)] for c in range(len(audio))])

@@ -12,7 +12,7 @@ import torch
 
 import data_generator as dg
 import synthetic
-from conftest import make_wav_dataset, REPO, assert_one_line_error, run_script
+from conftest import make_stems_folder, make_wav_dataset, REPO, assert_one_line_error, run_script, write_bad_checkpoint
 from unet_model import load_model, read_checkpoint
 
 TINY = ["--synthetic", "--n-songs", "2", "--n-channels", "4", "--batch-size", "2", "--cpu"]
@@ -192,3 +192,61 @@ def test_ddp_two_processes_keep_identical_weights_and_resume(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resuming from" in result.stdout and "DDP: weights identical across 2 ranks" in result.stdout
     assert read_checkpoint(folder / "last.pth")["epoch"] == 2
+
+
+def test_stems_folder_alone_trains_and_validates_on_its_held_apart_tracks(tmp_path):
+    """A run on a folder of stems only: MUSDB18 is not looked for, a tenth is held apart and named, and
+    nothing is written beside the data (the decoded audio goes to --cache-dir)."""
+    make_stems_folder(tmp_path / "mine", [f"singer{i}_song" for i in range(10)], "mixture", seconds=4)
+    result = run_script("train.py", "--stems", tmp_path / "mine", "--epochs", "1", "--n-channels", "4", "--batch-size",
+                        "2", "--cpu", "--checkpoint-dir", tmp_path / "ck", "--cache-dir", tmp_path / "cache", timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"dataset: stems folder {tmp_path / 'mine'}" in result.stdout and "MUSDB18" not in result.stdout
+    assert "tracks: 9 train, 1 validation" in result.stdout
+    assert "validation: the held-apart tracks of the stems folders, singer9_song ... singer9_song" in result.stdout
+    assert read_checkpoint(tmp_path / "ck" / "best_model.pth")["dataset"] == f"stems folder {tmp_path / 'mine'}"
+    assert not [p for p in (tmp_path / "mine").rglob("*") if p.suffix not in (".flac", "")]
+
+
+def test_two_sources_are_drawn_by_weight_with_levels_matched(tmp_path):
+    make_stems_folder(tmp_path / "mine", ["a_1", "b_1", "c_1"], seconds=4)
+    result = run_script("train.py", *TINY, "--stems", tmp_path / "mine", "--source-weights", "3", "1", "--epochs", "1",
+                        "--checkpoint-dir", tmp_path / "ck", "--cache-dir", tmp_path / "cache", timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "tracks: 2 + 2 train" in result.stdout and "sources drawn with weights 3 : 1" in result.stdout
+    assert re.search(r"scaled to the first's levels \(vocals x[\d.]+, accompaniment x[\d.]+\)", result.stdout)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--source-weights", "1"], "--source-weights: 1 given for 2 sources"),
+    (["--source-weights", "1", "-1"], "--source-weights must be at least 0"),
+    (["--source-weights", "0", "0"], "not all 0")])
+def test_bad_source_weights(flags, message, tmp_path):
+    make_stems_folder(tmp_path / "mine", ["a_1", "b_1"], seconds=1)
+    result = run_script("train.py", *TINY, "--stems", tmp_path / "mine", *flags, "--checkpoint-dir", tmp_path / "ck",
+                        "--cache-dir", tmp_path / "cache")
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_init_fine_tunes_from_a_trained_model_and_refuses_one_that_does_not_fit(tmp_path):
+    """--init starts from the weights (the first validation scores exactly what the model scored), with a
+    fresh optimiser; another width, other STFT settings or --resume beside it: one line, nothing written."""
+    first = run_script("train.py", *TINY, "--epochs", "1", "--checkpoint-dir", tmp_path / "a", timeout=600)
+    assert first.returncode == 0, first.stderr
+    trained = read_checkpoint(tmp_path / "a" / "best_model.pth")
+    result = run_script("train.py", *TINY, "--epochs", "1", "--init", tmp_path / "a" / "best_model.pth",
+                        "--checkpoint-dir", tmp_path / "b", timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"initialised from {tmp_path / 'a' / 'best_model.pth'}" in result.stdout
+    assert f"before training: validation loss {trained['best_val_loss']:.4f}, SDR {trained['best_val_sdr']:.2f} dB" \
+        in result.stdout
+    tuned = read_checkpoint(tmp_path / "b" / "last.pth")
+    assert tuned["step"] == 32 and tuned["epoch"] == 1  # a new run: its own steps and schedule
+    write_bad_checkpoint("other_stft", tmp_path / "other_stft.pth")
+    for init, flags, message in ((tmp_path / "a" / "best_model.pth", ["--n-channels", "8"], "give --n-channels 4"),
+                                 (tmp_path / "other_stft.pth", [], "other spectrogram settings"),
+                                 (tmp_path / "a" / "best_model.pth", ["--resume"], "give one of them")):
+        bad = run_script("train.py", *TINY, *flags, "--init", init, "--checkpoint-dir", tmp_path / "c")
+        assert_one_line_error(bad, "--init" if message != "give one of them" else "--resume", message)
+        assert not (tmp_path / "c").exists()
