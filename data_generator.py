@@ -6,14 +6,13 @@ it. `python data_generator.py` is a sanity check of all this, with a PNG of one 
 """
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import math
 import os
 import shutil
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -464,7 +463,7 @@ def match_levels(sources):
     matched = [sources[0]]
     for tracks in sources[1:]:
         gains = tuple(ref / max(median_rms(tracks, stem), EPS) for ref, stem in zip(reference, STEMS))
-        matched.append([dataclasses.replace(t, gains=gains) for t in tracks])
+        matched.append([replace(t, gains=gains) for t in tracks])
     return matched
 
 
@@ -736,7 +735,9 @@ def main(argv=None):
     parser.add_argument("--musdb-root", default=None, help="MUSDB18 folder (default: MUSDB18/musdb18 "
                         "in the repo, else the preview download, else the synthetic set)")
     parser.add_argument("--synthetic", action="store_true", help="use the built-in synthetic set")
-    parser.add_argument("--n-songs", type=int, default=10, help="training tracks to load")
+    parser.add_argument("--stems", action="append", default=[], metavar="DIR", help="stems folders train.py "
+                        "--stems would add (repeatable)")
+    parser.add_argument("--n-songs", type=int, default=10, help="MUSDB18 training tracks to load")
     parser.add_argument("--output", default="data_sanity_check.png", help="PNG to write")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the training batch")
     args = parser.parse_args(argv)
@@ -744,18 +745,20 @@ def main(argv=None):
         parser.error(f"--n-songs must be at least 1, got {args.n_songs}")
     if not Path(args.output).parent.is_dir():
         parser.error(f"--output {args.output}: no such folder {Path(args.output).parent}")
-    source = find_data_source(args.musdb_root, synthetic=args.synthetic)
+    source = find_data_source(args.musdb_root, synthetic=args.synthetic, stems=args.stems)
     print(f"dataset: {source.describe()}")
-    train = load_tracks(source, "train", args.n_songs, seed=args.seed)
-    if not train:
-        raise DataError(f"{source.root}: no training tracks")
+    sources = training_sources(source, args.n_songs, seed=args.seed)
+    if not all(sources):
+        raise DataError(f"{source.describe()}: no training tracks")
     valid = load_tracks(source, "valid", seed=args.seed)
-    lengths = [t.vocals.shape[1] for t in train]
-    print(f"tracks: {len(train)} train, {len(valid)} valid; train lengths {min(lengths) / SAMPLE_RATE:.1f}-"
-          f"{max(lengths) / SAMPLE_RATE:.1f} s ({n_frames(min(lengths))}-{n_frames(max(lengths))} frames)")
+    for train in sources:
+        lengths = [t.vocals.shape[1] for t in train]
+        print(f"training source: {len(train)} tracks of {min(lengths) / SAMPLE_RATE:.1f}-{max(lengths) / SAMPLE_RATE:.1f} s "
+              f"({n_frames(min(lengths))}-{n_frames(max(lengths))} frames), stems scaled by {train[0].gains}")
+    print(f"validation: {len(valid)} tracks")
     print(f"STFT: {SAMPLE_RATE} Hz, Hann {N_FFT}, hop {HOP_LENGTH}, {N_BINS} bins; "
           f"patch {N_BINS} x {PATCH_FRAMES} frames = {PATCH_SAMPLES} samples ({PATCH_SAMPLES / SAMPLE_RATE:.1f} s)")
-    vocals, accompaniment = training_batch([train], 16, np.random.default_rng(args.seed))
+    vocals, accompaniment = training_batch(sources, 16, np.random.default_rng(args.seed))
     mixture, target = patch_spectrograms(torch.from_numpy(vocals), torch.from_numpy(accompaniment))
     mask = print_statistics("training batch (random remixes)", mixture, target)
     if valid:  # every patch of the validation songs as mixed

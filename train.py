@@ -398,8 +398,8 @@ def plan_by_budget():
 if by_budget:
     steps_per_epoch = plan_by_budget()
 
-# the loop: linear warm-up, then cosine decay of the learning rate to 0 at the last step, so that the last epochs
-# settle on one model instead of each taking a different step across the loss surface (RESULTS.md, steadier recipe)
+# the loop: linear warm-up, then cosine decay of the learning rate to 0 at the last step, so that the weights of the
+# last epochs settle rather than keep moving at a tenth of the peak rate
 total_steps = args.epochs * steps_per_epoch
 warmup_steps = min(WARMUP_STEPS, total_steps // 5)  # short runs must not spend most steps warming up
 

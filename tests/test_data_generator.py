@@ -371,7 +371,8 @@ def test_sanity_check_runs_without_ffmpeg_and_writes_its_png(tmp_path):
                         env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    assert "dataset: built-in SYNTHETIC" in result.stdout and "tracks: 2 train, 6 valid" in result.stdout
+    assert "dataset: built-in SYNTHETIC" in result.stdout and "validation: 6 tracks" in result.stdout
+    assert "training source: 2 tracks of 20.0-20.0 s (215-215 frames), stems scaled by (1.0, 1.0)" in result.stdout
     assert "training batch (random remixes): mixture and target (16, 1, 512, 128)" in result.stdout
     assert "validation set (songs as mixed)" in result.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -494,3 +495,13 @@ def test_mir1k_as_shared_holds_15_singers_and_two_are_held_apart():
     assert len(entries) == 823 and {e.layout for e in entries} == {"accompaniment"}
     apart = dg.held_apart([e.name for e in entries])
     assert {n.split("_")[0] for n in apart} == {"titon", "yifen"} and len(apart) == 110
+
+
+def test_sanity_check_with_a_stems_folder_shows_both_sources(tmp_path):
+    make_stems_folder(tmp_path / "mine", ["a_1", "b_1", "c_1"], "mixture", seconds=4)
+    result = run_script("data_generator.py", "--synthetic", "--n-songs", "2", "--stems", tmp_path / "mine",
+                        "--output", tmp_path / "check.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"+ stems folder {tmp_path / 'mine'}" in result.stdout
+    assert "training source: 2 tracks" in result.stdout and "training source: 2 tracks of 4.0-4.0 s" in result.stdout
+    assert "validation: 6 tracks" in result.stdout  # with the synthetic set, its validation songs
