@@ -221,6 +221,13 @@ def loop_to(audio, length):
     return audio.repeat(*([1] * (audio.dim() - 1)), -(-length // audio.shape[-1]))[..., :length]
 
 
+def fill_patch_grid(audio, hop):
+    """(..., samples) at SAMPLE_RATE -> the samples whose stft() fills the last patch of a `hop` grid, the end
+    filled with loop_to as the streaming separator fills it: to_patches then pads nothing."""
+    frames = (n_patches(n_frames(audio.shape[-1]), hop) - 1) * hop + PATCH_FRAMES
+    return loop_to(audio, (frames - 1) * HOP_LENGTH)
+
+
 def patch_window(device="cpu"):
     """(128,) cross-fade weights over a patch's frames: a triangle that never reaches zero, so that
     neighbouring patches blend without seams and frames covered once keep their value."""
@@ -685,8 +692,7 @@ def validation_patches(track, target="vocals"):
     """Every patch of every channel of a track as mixed, on inference's half-overlapping grid, the end filled
     as the separator fills it (loop_to): (mixture, target) normalised magnitudes, each (n, 1, 512, 128)."""
     hop = patch_hop(0.5)
-    frames = (n_patches(n_frames(track.vocals.shape[1]), hop) - 1) * hop + PATCH_FRAMES  # the whole grid, filled
-    vocals, accompaniment = (loop_to(torch.from_numpy(np.array(x, dtype=np.float32)), (frames - 1) * HOP_LENGTH)
+    vocals, accompaniment = (fill_patch_grid(torch.from_numpy(np.array(x, dtype=np.float32)), hop)
                              for x in (track.vocals, track.accompaniment))  # copies: the cache is read-only
     mixture_mag = to_patches(stft(vocals + accompaniment).abs(), hop).flatten(0, 1)
     target_mag = to_patches(stft(vocals if target == "vocals" else accompaniment).abs(), hop).flatten(0, 1)

@@ -382,10 +382,11 @@ def separate(audio, rate, mask_fn, target="vocals", return_mask=False, shifts=DE
 
 
 def predicted_mask(low, mask_fn):
-    """The mask of a whole 8192 Hz signal computed in one piece, for pictures (the separator
-    computes the same mask in pieces): low (channels, samples) -> (channels, 512, frames)."""
+    """The mask of a whole 8192 Hz signal computed in one piece, for pictures (the separator computes the
+    same mask in pieces; past the end of songs longer than one network call it repeats less of the song):
+    low (channels, samples) -> (channels, 512, frames)."""
     low = torch.as_tensor(low)
-    (normalised,) = dg.normalise(dg.to_patches(dg.stft(low).abs(), PATCH_HOP))
+    (normalised,) = dg.normalise(dg.to_patches(dg.stft(dg.fill_patch_grid(low, PATCH_HOP)).abs(), PATCH_HOP))
     return dg.from_patches(mask_fn(normalised, 0), PATCH_HOP, dg.n_frames(low.shape[-1]))
 
 
