@@ -158,9 +158,10 @@ def load_model(path, device="cpu", expected_spec=None):
         different = [f"{k}={spec.get(k)} (expected {v})" for k, v in expected_spec.items() if spec.get(k) != v]
         if different:
             raise CheckpointError(f"{path}: trained with other spectrogram settings: {', '.join(different)}")
-    model = UNet(stored_config(checkpoint, path))
+    with torch.device("meta"):  # no random initialisation to pay for: every weight comes from the file
+        model = UNet(stored_config(checkpoint, path))
     try:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(checkpoint["model"], assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit {checkpoint['model_config']} ({str(e).splitlines()[0][:120]})") from None
     return model.to(device, memory_format=torch.channels_last).eval(), checkpoint
