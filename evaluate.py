@@ -54,9 +54,9 @@ def estimate(method, mixture, references, rate, mask_fn, options):
     if method == "mix":
         return {"vocals": mixture, "accompaniment": mixture}
     if method == "irm":  # one oracle per shifted copy: each sees the recording delayed by its own amount
-        mask_fn = [inference.oracle_mask_fn(*(dg.resample(inference.delayed(x, delay), rate, dg.SAMPLE_RATE)
-                                              for x in (references["vocals"], mixture)))
-                   for delay in inference.shift_delays(rate, options["shifts"])]
+        low = [dg.resample(x, rate, dg.SAMPLE_RATE) for x in (references["vocals"], mixture)]
+        mask_fn = [inference.oracle_mask_fn(*(inference.delayed(x, delay) for x in low))
+                   for delay in inference.shift_delays(options["shifts"])]
         options = dict(options, target="vocals")
     return dict(zip(dg.STEMS, inference.separate(mixture, rate, mask_fn, **options)))  # (vocals, accompaniment)
 

@@ -33,10 +33,11 @@ from unet_model import CheckpointError, amp_dtype, load_model
 
 DEFAULT_CHECKPOINT = "checkpoints/best_model.pth"
 DEFAULT_SHIFTS = 2  # copies on offset frame grids whose masks are averaged (see StreamingSeparator)
-PATCH_HOP = dg.PATCH_FRAMES // 2  # neighbouring patches overlap by half
+PATCH_HOP = 96  # frames between patches: a quarter overlap, which the cross-fade needs (RESULTS.md: no overlap
+# leaves seams; half overlap costs the network a third more time for the same quality on whole songs)
 PATCHES_PER_CALL = 16  # patches gathered before the network runs: big batches keep it fast
 FULL_BAND_BLOCK = 512  # full-rate STFT frames separated together: few big tensor operations
-WIENER_FRAMES = 128  # full-rate frames that share the Wiener filter's statistics
+WIENER_FRAMES = 64  # full-rate frames (about 4 s) that share the Wiener filter's statistics
 MASK_EXTENSION_BINS = 128  # above 4096 Hz the mask is the mean of its top 128 bins (3-4 kHz)
 READ_SECONDS = 30  # input block length; any value gives the same output
 PLOT_SECONDS = 600  # --plot pictures the first 10 minutes
@@ -144,25 +145,21 @@ class OverlapAdd:
 
 
 class MaskStream:
-    """The 8192 Hz mask of one copy of a recording fed in blocks, delayed by `delay` samples (silence
-    in front, for --shifts). The network masks each group of patches as soon as its samples have arrived;
-    `fading` (OverlapAdd) cross-fades the patch masks until no later patch reaches a frame, which then
-    moves to `mask` (Timeline, (channels, 512, frames)) on the copy's frame grid."""
+    """The 8192 Hz mask of one copy of a recording fed in blocks at 8192 Hz, delayed by `delay` samples
+    (silence in front, for --shifts). The network masks each group of patches as soon as its samples have
+    arrived; `fading` (OverlapAdd) cross-fades the patch masks until no later patch reaches a frame, which
+    then moves to `mask` (Timeline, (channels, 512, frames)) on the copy's frame grid."""
 
-    def __init__(self, rate, channels, mask_fn, delay=0):
+    def __init__(self, channels, mask_fn, delay=0):
         self.mask_fn, self.delay, self.done = mask_fn, delay, False
-        self.resampler = None if rate == dg.SAMPLE_RATE else soxr.ResampleStream(
-            rate, dg.SAMPLE_RATE, channels, dtype="float32", quality="HQ")
         self.low = Timeline(channels)  # the 8192 Hz copy, kept until no later patch reads it
         self.next_patch, self.fading = 0, OverlapAdd(channels, dg.N_BINS)
         self.mask = Timeline(channels, dg.N_BINS)
-        self.feed(np.zeros((channels, delay), np.float32))
+        self.feed(torch.zeros(channels, delay))
 
     def feed(self, block, last=False):
-        """block: (channels, samples) float32 at the input's rate; last: the input ends with it."""
-        if self.resampler is not None:
-            block = self.resampler.resample_chunk(block.T, last=last).T
-        self.low.append(torch.from_numpy(np.ascontiguousarray(block)))
+        """block: (channels, samples) float32 tensor at 8192 Hz; last: the input ends with it."""
+        self.low.append(block)
         self.done = last
         while (count := self._patches_ready()) > 0:
             self._predict(self.next_patch, count)
@@ -203,14 +200,16 @@ class MaskStream:
 class StreamingSeparator:
     """Separates one recording fed in blocks of any size: process(block (channels, samples)) and finish()
     return (vocals, accompaniment), each (channels, k) float32, the samples that became final; together
-    exactly the input's length. mask_fns: one per copy of the input, delayed by `delays` samples.
+    exactly the input's length. mask_fns: one per copy of the input, delayed by `delays` samples at 8192 Hz.
     Each full-rate STFT frame of `mixture` is masked with the copies' mean mask at its centre (the network's
     frames overlap by only a quarter, so where they fall matters: copies a fraction of a hop apart average
     that out). State lives on grids fixed by the file's start, so the block sizes cannot change the result."""
 
     def __init__(self, rate, channels, mask_fns, delays=(0,), target="vocals", wiener=False):
         self.rate, self.target, self.wiener, self.done = rate, target, wiener, False
-        self.copies = [MaskStream(rate, channels, fn, delay) for fn, delay in zip(mask_fns, delays)]
+        self.resampler = None if rate == dg.SAMPLE_RATE else soxr.ResampleStream(  # one for every copy
+            rate, dg.SAMPLE_RATE, channels, dtype="float32", quality="HQ")
+        self.copies = [MaskStream(channels, fn, delay) for fn, delay in zip(mask_fns, delays)]
         self.n_fft, self.hop = full_band_stft_size(rate)
         self.window = torch.hann_window(self.n_fft)
         self.bins = frequency_interpolation(rate, self.n_fft)
@@ -220,15 +219,21 @@ class StreamingSeparator:
     def process(self, block):
         block = np.ascontiguousarray(block, dtype=np.float32)
         self.mixture.append(torch.from_numpy(block))
-        for copy in self.copies:
-            copy.feed(block)
+        self._feed_copies(block, last=False)
         return self._run()
 
     def finish(self):
         self.done = True
-        for copy in self.copies:
-            copy.feed(np.zeros((self.mixture.data.shape[0], 0), np.float32), last=True)
+        self._feed_copies(np.zeros((self.mixture.data.shape[0], 0), np.float32), last=True)
         return self._run()
+
+    def _feed_copies(self, block, last):
+        """Resample a block (channels, samples) of the input to 8192 Hz once, for every copy."""
+        if self.resampler is not None:
+            block = self.resampler.resample_chunk(block.T, last=last).T
+        low = torch.from_numpy(np.ascontiguousarray(block))
+        for copy in self.copies:
+            copy.feed(low, last)
 
     def _run(self):
         """The stems' newly final samples, after separating every block of frames that is ready."""
@@ -241,7 +246,7 @@ class StreamingSeparator:
         """Separate the next block of full-rate frames if its samples and masks have arrived."""
         first, last = self.next_frame, self.next_frame + FULL_BAND_BLOCK
         if self.done:
-            last = min(last, self.mixture.end // self.hop + 1)
+            last = min(last, self._n_frames())
             if last <= first:
                 return False
         elif ((last - 1) * self.hop + self.n_fft // 2 > self.mixture.end
@@ -264,9 +269,14 @@ class StreamingSeparator:
         self.next_frame = last
         return True
 
+    def _n_frames(self):
+        """Full-rate frames of the whole recording: the last one centred at or past its end, so that every sample
+        lies between two frame centres, where the two windows' squares add up to at least a half."""
+        return -(-self.mixture.end // self.hop) + 1
+
     def _mask_position(self, copy, frames):
         """Fractional frame of a copy's 8192 Hz mask at the centre of full-rate frames (an int or tensor)."""
-        return (frames * self.hop + copy.delay) * (dg.SAMPLE_RATE / (self.rate * dg.HOP_LENGTH))
+        return (frames * self.hop * (dg.SAMPLE_RATE / self.rate) + copy.delay) / dg.HOP_LENGTH
 
     def _full_band_mask(self, first, last):
         """The copies' mean 8192 Hz mask, interpolated linearly onto full-rate frames first .. last-1 and
@@ -282,7 +292,7 @@ class StreamingSeparator:
     def _emit(self):
         """(vocals, accompaniment) of the samples no later frame reaches."""
         reached = self.next_frame * self.hop - self.n_fft // 2  # where the next frame begins
-        finished = self.done and self.next_frame >= self.mixture.end // self.hop + 1
+        finished = self.done and self.next_frame >= self._n_frames()
         final = self.mixture.end if finished else min(reached, self.mixture.end)
         start = self.vocals.sums.start
         vocals = self.vocals.take(final)
@@ -300,14 +310,18 @@ def patch_samples(first, count):
 
 def full_band_stft_size(rate):
     """(n_fft, hop) of the STFT at the input's own rate: about the 125 ms window of the 8192 Hz analysis, at
-    75 % overlap (it reconstructs masked spectrograms better than the paper's 25 %); the size is the nearest
-    multiple of 4 with no prime factor above 5, for which FFTs are fast (at 44.1 kHz 5400, not 5512 = 2^3*13*53)."""
+    50 % overlap (the paper's 25 % reconstructs masked spectrograms worse; 75 % separated no better with
+    trained masks, for twice the FFT work: RESULTS.md); the size is the nearest multiple of 4 with no prime
+    factor above 5, for which FFTs are fast (at 44.1 kHz 5400, not 5512 = 2^3*13*53)."""
     def is_5_smooth(n):
-        return n == 1 or any(n % p == 0 and is_5_smooth(n // p) for p in (2, 3, 5))
+        for p in (2, 3, 5):
+            while n % p == 0:
+                n //= p
+        return n == 1
 
     target = dg.N_FFT * rate / dg.SAMPLE_RATE
     n_fft = min((n for n in range(4, 2 * int(target) + 8, 4) if is_5_smooth(n)), key=lambda n: abs(n - target))
-    return n_fft, n_fft // 4
+    return n_fft, n_fft // 2
 
 
 def overlap_add_frames(frames, hop):
@@ -350,11 +364,10 @@ def wiener_filter(mask, spec, eps=1e-10):
     return (gain @ x[..., None]).squeeze(-1).permute(2, 1, 0).to(spec.dtype)
 
 
-def shift_delays(rate, shifts):
-    """Input samples by which each of `shifts` copies is delayed: k / shifts of the network's
-    hop (768 samples at 8192 Hz), k = 0 .. shifts - 1."""
-    hop = dg.HOP_LENGTH * rate / dg.SAMPLE_RATE
-    return [round(k * hop / shifts) for k in range(shifts)]
+def shift_delays(shifts):
+    """8192 Hz samples by which each of `shifts` copies is delayed: k / shifts of the network's
+    hop (768 samples), k = 0 .. shifts - 1. (At 8192 Hz, so that the copies share one resampling.)"""
+    return [round(k * dg.HOP_LENGTH / shifts) for k in range(shifts)]
 
 
 def delayed(audio, samples):
@@ -366,7 +379,7 @@ def make_separator(rate, channels, mask_fn, shifts=DEFAULT_SHIFTS, **options):
     """The StreamingSeparator of one recording with `shifts` copies of the input (shift_delays). mask_fn: one
     for every copy, or a list with one per copy (an oracle mask depends on the delay; a model's does not)."""
     mask_fns = list(mask_fn) if isinstance(mask_fn, (list, tuple)) else [mask_fn] * shifts
-    return StreamingSeparator(rate, channels, mask_fns, shift_delays(rate, len(mask_fns)), **options)
+    return StreamingSeparator(rate, channels, mask_fns, shift_delays(len(mask_fns)), **options)
 
 
 def separate(audio, rate, mask_fn, target="vocals", return_mask=False, shifts=DEFAULT_SHIFTS, wiener=False):

@@ -56,24 +56,25 @@ def test_streaming_in_small_blocks_equals_one_block(tiny_checkpoint, shifts):
 
 def reference_separation(audio, rate, mask_fn, shifts=1):
     """The separator written the plain way, on whole arrays, to check the streaming engine: with
-    shifts, the masks of copies delayed by shift_delays samples, realigned and averaged; the last
-    patch filled past the end with the recording from its start (short inputs are one group)."""
-    hop = dg.PATCH_FRAMES // 2
+    shifts, the masks of copies of the 8192 Hz signal delayed by shift_delays samples, realigned and
+    averaged; the last patch filled past the end with the recording from its start (short inputs are one group)."""
+    hop = inference.PATCH_HOP
     n_fft, hop_f = inference.full_band_stft_size(rate)
     window = torch.hann_window(n_fft)
-    spec = torch.stft(torch.from_numpy(audio), n_fft, hop_f, window=window, center=True, pad_mode="constant",
+    padded = np.pad(audio, ((0, 0), (0, hop_f)))  # a last frame centred at or past the end, as the separator's
+    spec = torch.stft(torch.from_numpy(padded), n_fft, hop_f, window=window, center=True, pad_mode="constant",
                       return_complex=True)
     times = np.arange(spec.shape[-1]) * hop_f / rate
     masks = []  # each copy's mask at the full-rate frames' times, (C, 512, full-rate frames)
-    for delay in inference.shift_delays(rate, shifts):
-        low = soxr.resample(inference.delayed(audio, delay).T, rate, dg.SAMPLE_RATE, quality="HQ")
-        low = torch.from_numpy(low.T.copy())
+    resampled = soxr.resample(audio.T, rate, dg.SAMPLE_RATE, quality="HQ").T
+    for delay in inference.shift_delays(shifts):
+        low = torch.from_numpy(inference.delayed(resampled, delay).copy())
         frames = dg.n_frames(low.shape[1])
         grid = (dg.n_patches(frames, hop) - 1) * hop + dg.PATCH_FRAMES  # past the end: the music again from its start
         filled = dg.loop_to(low, (grid - 1) * dg.HOP_LENGTH + dg.N_FFT // 2)
         patches = dg.to_patches(dg.stft(filled).abs()[..., :grid], hop)
         mask = dg.from_patches(mask_fn(dg.normalise(patches)[0], 0), hop, frames).numpy()  # (C, 512, frames)
-        at = (times + delay / rate) * dg.SAMPLE_RATE / dg.HOP_LENGTH
+        at = (times * dg.SAMPLE_RATE + delay) / dg.HOP_LENGTH
         masks.append([[np.interp(at, np.arange(frames), mask[c, b]) for b in range(512)] for c in range(len(audio))])
     mean_mask = np.mean(masks, axis=0)
     freqs = np.arange(n_fft // 2 + 1) * rate / n_fft
@@ -100,11 +101,10 @@ def test_streaming_engine_matches_a_plain_whole_array_implementation(tiny_checkp
 
 
 def test_shifts_average_the_masks_of_delayed_copies(tiny_checkpoint):
-    """shifts=N masks the one full-rate STFT with the mean of the masks of N copies of the input
-    delayed by k/N of the network's hop (768 samples at 8192 Hz: 2067 at 44.1 kHz for N = 2),
-    each realigned to the input."""
-    assert inference.shift_delays(44100, 2) == [0, 2067]
-    assert inference.shift_delays(dg.SAMPLE_RATE, 4) == [0, 192, 384, 576]
+    """shifts=N masks the one full-rate STFT with the mean of the masks of N copies of the 8192 Hz
+    signal delayed by k/N of the network's hop (768 samples), each realigned to the input."""
+    assert inference.shift_delays(2) == [0, 384]
+    assert inference.shift_delays(4) == [0, 192, 384, 576]
     mask_fn = cpu_mask_fn(tiny_checkpoint)
     rate = 22050
     audio = noise(2, 9.7, rate, seed=6)
