@@ -25,6 +25,7 @@ MEMORY_MINUTES = (3, 60)  # lengths of the files whose peak memory is measured
 TRAIN_BATCH = {"cpu": 16, "cuda": 64}  # train.py's default on the CPU; a batch that fills a GPU
 TRAIN_STEPS = 3  # timed steps per round; --repeats rounds, the median is reported
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides oneDNN's float32 and bf16 speed
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")  # environment limits on kernels
 FLOOR = """import sys, torch, soundfile as sf
 audio, rate = sf.read(sys.argv[1], dtype="float32")
 for stem in ("vocals", "accompaniment"):
@@ -49,8 +50,12 @@ def machine():
     flags = set(next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), []))
     features = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FEATURES)
     gpu = f"\ngpu: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    # kernels capped below what the CPU has (e.g. ONEDNN_MAX_CPU_ISA=AVX2 to stand in for an AVX2 machine) must show
+    capped = ", ".join(f"{v}={os.environ[v]}" for v in ISA_CAPS if v in os.environ)
     return (f"machine: {name}, {os.cpu_count()} cores; {features}\ntorch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; CPU autocast: {str(amp_dtype('cpu') or 'float32').replace('torch.', '')}\n"
+            f"{torch.get_num_threads()} threads; kernels {torch.backends.cpu.get_cpu_capability()}"
+            + (f" (capped: {capped})" if capped else "")
+            + f"; CPU autocast: {str(amp_dtype('cpu') or 'float32').replace('torch.', '')}\n"
             f"date: {datetime.datetime.now().isoformat(sep=' ', timespec='minutes')}{gpu}")
 
 
