@@ -36,7 +36,7 @@ DEFAULT_SHIFTS = 2  # copies on offset frame grids whose masks are averaged (see
 PATCH_HOP = 96  # frames between patches: a quarter overlap, which the cross-fade needs (RESULTS.md: no overlap
 # leaves seams; half overlap costs the network a third more time for the same quality on whole songs)
 PATCHES_PER_CALL = 16  # patches gathered before the network runs: big batches keep it fast
-FULL_BAND_BLOCK = 512  # full-rate STFT frames separated together: few big tensor operations
+FULL_BAND_BLOCK = 256  # full-rate STFT frames (about 16 s) separated together: few big tensor operations, flat memory
 WIENER_FRAMES = 64  # full-rate frames (about 4 s) that share the Wiener filter's statistics
 MASK_EXTENSION_BINS = 128  # above 4096 Hz the mask is the mean of its top 128 bins (3-4 kHz)
 READ_SECONDS = 30  # input block length; any value gives the same output
