@@ -6,7 +6,7 @@ Separate the vocals of songs with a trained U-Net.
     python inference.py                             # the first test track of train.py's dataset
 
 The one separator path of the project (audio -> mask -> stems), also used by train.py and evaluate.py:
-1. the input is resampled to 8192 Hz and cut into 128-frame patches every 64 frames;
+1. the input is resampled to 8192 Hz and cut into 128-frame patches every 96 frames;
 2. the U-Net predicts a mask per patch; overlapping patches are cross-faded into one mask;
 3. that mask is interpolated onto an STFT of the *original* recording (its own rate and
    channels; above 4096 Hz, where the network sees nothing, it is extended by its mean over
@@ -33,8 +33,8 @@ from unet_model import CheckpointError, amp_dtype, load_model
 
 DEFAULT_CHECKPOINT = "checkpoints/best_model.pth"
 DEFAULT_SHIFTS = 2  # copies on offset frame grids whose masks are averaged (see StreamingSeparator)
-PATCH_HOP = 96  # frames between patches: a quarter overlap, which the cross-fade needs (RESULTS.md: no overlap
-# leaves seams; half overlap costs the network a third more time for the same quality on whole songs)
+PATCH_HOP = 96  # frames between patches: a quarter overlap for the cross-fade (RESULTS.md: patches further apart
+# separated worse; half overlap costs the network a third more time for the same quality on whole songs)
 PATCHES_PER_CALL = 16  # patches gathered before the network runs: big batches keep it fast
 FULL_BAND_BLOCK = 256  # full-rate STFT frames (about 16 s) separated together: few big tensor operations, flat memory
 WIENER_FRAMES = 64  # full-rate frames (about 4 s) that share the Wiener filter's statistics

@@ -164,7 +164,8 @@ def load_model(path, device="cpu", expected_spec=None):
         model.load_state_dict(checkpoint["model"], assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit {checkpoint['model_config']} ({str(e).splitlines()[0][:120]})") from None
-    return model.to(device, memory_format=torch.channels_last).eval(), checkpoint
+    # float(): the loaded tensors became the weights (assign), so a checkpoint saved in half precision is made float32
+    return model.float().to(device, memory_format=torch.channels_last).eval(), checkpoint
 
 
 def save_checkpoint(path, model, spec_config, target="vocals", **state):

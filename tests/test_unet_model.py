@@ -91,6 +91,21 @@ def test_checkpoint_round_trip(tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left
 
 
+def test_a_half_precision_checkpoint_loads_as_float32(tmp_path):
+    """load_model takes the file's tensors as the weights (no random initialisation first), so their dtype must be
+    made float32: a checkpoint saved in half precision still gives a float32 model with the same weights."""
+    torch.manual_seed(3)
+    model = UNet(UNetConfig(n_channels=4)).eval()
+    path = tmp_path / "half.pth"
+    save_checkpoint(path, model.half(), dg.SPEC_CONFIG)
+    loaded, _ = load_model(path)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert loaded.encoder[0].norm.num_batches_tracked.dtype == torch.int64
+    assert torch.equal(loaded.encoder[0].conv.weight, model.encoder[0].conv.weight.float())
+    with torch.no_grad():
+        assert loaded(torch.rand(1, 1, 512, 128)).dtype == torch.float32
+
+
 def old_checkpoint(path, transform="linear"):
     """A best_model.pth as the previous version of train.py wrote it: input_transform in the config,
     a fitted mask exponent with its scores, a patience counter."""
