@@ -507,4 +507,5 @@ log(f"done in {time.time() - started:.0f} s: best validation SDR {best_val_sdr:.
 if writer is not None:
     writer.close()
 if ddp:
+    dist.barrier()  # every rank done with its last collective before any tears the group down (gloo can abort otherwise)
     dist.destroy_process_group()
