@@ -383,13 +383,14 @@ def test_bad_separation_flags(script, flags, message, tmp_path, tiny_checkpoint)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["song.wav", "tiny.pth"]
 
 
-@pytest.mark.parametrize("flag", ["--accompaniment", "--extension", "--mask-channels", "--mask-exponent",
-                                  "--overlap", "--batch-size", "--no-amp"])
-def test_removed_flags_are_gone(flag, tmp_path, tiny_checkpoint):
-    for script in ("inference.py", "evaluate.py"):
-        result = run_script(script, "--help")
-        assert result.returncode == 0 and flag not in result.stdout
-        assert "--shifts" in result.stdout and "--wiener" in result.stdout and "--cpu" in result.stdout
+@pytest.mark.parametrize("script", ["inference.py", "evaluate.py"])
+def test_removed_flags_are_gone(script):
+    result = run_script(script, "--help")
+    assert result.returncode == 0
+    for flag in ("--accompaniment", "--extension", "--mask-channels", "--mask-exponent", "--overlap", "--batch-size",
+                 "--no-amp"):
+        assert flag not in result.stdout, flag
+    assert "--shifts" in result.stdout and "--wiener" in result.stdout and "--cpu" in result.stdout
 
 
 def test_a_checkpoint_with_a_mask_exponent_is_used_with_the_masks_as_predicted(tiny_checkpoint, tmp_path):
