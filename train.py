@@ -6,8 +6,9 @@ Train the U-Net singing-voice separator.
     python train.py --musdb-root ../shared/data/MUSDB18-7 --n-songs 94 --time-budget 30
     torchrun --standalone --nproc_per_node=4 train.py --musdb-root MUSDB18/musdb18
 
-Top to bottom: settings -> DDP -> data -> the plan -> model and optimiser -> validation -> the loop, which saves
-last.pth and best_model.pth (best validation SDR) to --checkpoint-dir, TensorBoard logs to <checkpoint-dir>/logs.
+Top to bottom: settings -> DDP -> data -> the plan -> model, its running average and the optimiser -> validation ->
+the loop, which saves last.pth and best_model.pth (best validation SDR) to --checkpoint-dir, TensorBoard logs to
+<checkpoint-dir>/logs. What is validated and saved is a running average of the trained weights (see `average`).
 An epoch is the same training on every machine: one pass over the training audio at the patch overlap, at least
 MIN_STEPS_PER_EPOCH steps; --time-budget MIN instead sizes the epochs so that the run takes about MIN minutes.
 """
@@ -255,8 +256,13 @@ start_epoch, step, best_val_loss, best_val_sdr, history = 0, 0, float("inf"), fl
 if init_weights is not None:
     model.load_state_dict(init_weights)
     log(f"initialised from {args.init} (its weights; a fresh optimiser and learning-rate schedule)")
+# The model that is validated and saved is an exponential moving average of the trained weights (and BatchNorm
+# statistics): each small batch moves the trained weights a little at random, and that noise made the validation
+# SDR and the mask's mean swing from epoch to epoch (RESULTS.md, section 0). It stays in eval mode.
+average = copy.deepcopy(model).eval().requires_grad_(False)
 if checkpoint is not None:
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(checkpoint.get("trained_model", checkpoint["model"]))  # absent: a last.pth of before the average
+    average.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
     start_epoch, step, history = checkpoint["epoch"], checkpoint["step"], checkpoint["history"]
@@ -267,7 +273,7 @@ if checkpoint is not None:
     log(f"resuming from {last_path}: epoch {start_epoch + 1}, step {step}, best validation SDR {best_val_sdr:.2f} dB")
 log(f"model: U-Net, n_channels={model_config.n_channels}, {model.get_num_params():,} parameters, on {device}"
     + (f" x {world_size} processes" if ddp else "") + (f", autocast {autocast_dtype}" if autocast_dtype else ""))
-raw_model = model  # the network itself: what is validated and saved
+raw_model = model  # the network being trained (model is its DDP wrapper under torchrun)
 if ddp:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -282,7 +288,7 @@ def estimate_val_loss():
         for j in range(0, mixture.shape[0], args.batch_size):
             x, y = mixture[j:j + args.batch_size].to(device), target[j:j + args.batch_size].to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                mask = raw_model(x).float()
+                mask = average(x).float()
             n = float(mask.numel())
             sums += torch.stack([masked_l1_loss(mask, x, y) * n, mask.sum(), mask.square().sum(),
                                  torch.tensor(n, device=device)]).double()
@@ -296,7 +302,7 @@ def estimate_val_loss():
 def estimate_val_sdr():
     """(median, per-song list) of the target's SDR (dB) on the validation songs, separated by inference's
     separator at 8192 Hz, scored like evaluate.py (BSSEval v4): a steadier judge than the loss."""
-    mask_fn = inference.model_mask_fn(raw_model, device, args.batch_size)
+    mask_fn = inference.model_mask_fn(average, device, args.batch_size)
     scores = torch.zeros(len(valid_tracks), dtype=torch.float64, device=device)
     for i, track in list(enumerate(valid_tracks))[rank::world_size]:
         stems = inference.separate(np.array(track.mixture), dg.SAMPLE_RATE, mask_fn, target=args.target)
@@ -309,21 +315,18 @@ def estimate_val_sdr():
 
 
 def validate():
-    """Every validation figure of the current model, as plain floats for the log and the history."""
-    raw_model.eval()
+    """Every validation figure of the averaged model, as plain floats for the log and the history."""
     try:
         val_loss, mask_mean, mask_std = estimate_val_loss()
         val_sdr, val_sdr_songs = estimate_val_sdr()
     except dg.DataError as e:  # what scoring needs is missing (see evaluate.target_sdr)
         fail(str(e))
-    raw_model.train()
     return dict(val_loss=val_loss, val_sdr=val_sdr, mask_mean=mask_mean, mask_std=mask_std, val_sdr_songs=val_sdr_songs)
 
 
 def log_separations(epoch, n_tracks=2, seconds=10):
     """TensorBoard pictures (mixture, mask, vocals) and audio of the first validation songs' separations."""
-    raw_model.eval()
-    mask_fn = inference.model_mask_fn(raw_model, device)
+    mask_fn = inference.model_mask_fn(average, device)
     for i, track in enumerate(valid_tracks[:n_tracks]):
         mixture = np.array(track.mixture[:1, :seconds * dg.SAMPLE_RATE])
         (vocals, _), mask = inference.separate(mixture, dg.SAMPLE_RATE, mask_fn, target=args.target, return_mask=True)
@@ -333,14 +336,15 @@ def log_separations(epoch, n_tracks=2, seconds=10):
         if epoch == 0:
             writer.add_audio(f"separation/{i}_mixture", torch.from_numpy(mixture[0] / peak), epoch,
                              sample_rate=dg.SAMPLE_RATE)
-    raw_model.train()
 
 
 def save(path, epoch, resumable):
-    """Tensors and plain values: best_model.pth the model and its record, last.pth also what --resume needs."""
-    extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), torch_rng=torch.get_rng_state(),
+    """Tensors and plain values: best_model.pth the averaged model and its record, last.pth also what --resume needs
+    (the trained weights among it)."""
+    extra = dict(trained_model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                 torch_rng=torch.get_rng_state(),
                  cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None) if resumable else {}
-    save_checkpoint(path, raw_model, dg.SPEC_CONFIG, args.target, args=vars(args), epoch=epoch, step=step,
+    save_checkpoint(path, average, dg.SPEC_CONFIG, args.target, args=vars(args), epoch=epoch, step=step,
                     steps_per_epoch=steps_per_epoch, best_val_loss=best_val_loss, best_val_sdr=best_val_sdr,
                     history=history, dataset=source.describe(), **extra)
 
@@ -411,6 +415,18 @@ def get_lr(it):
     return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@torch.no_grad()
+def update_average():
+    """Move the average a step towards the trained weights. The decay (1 + step) / (10 + step) grows with the run,
+    so the average spans roughly the last tenth of the steps taken so far, and early on follows the fast learning."""
+    decay = (1 + step) / (10 + step)
+    for mean, value in zip(average.state_dict().values(), raw_model.state_dict().values()):
+        if mean.is_floating_point():
+            mean.lerp_(value, 1 - decay)
+        else:  # BatchNorm's count of batches
+            mean.copy_(value)
+
+
 def on_ctrl_c(signum, frame):
     """First Ctrl-C: stop after the current step (an exception raised wherever the signal lands can hit
     a __del__, which swallows it); a second Ctrl-C stops at once."""
@@ -432,6 +448,7 @@ def train_epoch(epoch, batches):
             group["lr"] = lr
         loss = train_step(model, optimizer, scaler, *to_spectrograms(*next(batches)), autocast_dtype).item()
         step += 1
+        update_average()
         if interrupted:
             raise KeyboardInterrupt
         running += loss

@@ -96,6 +96,11 @@ def test_a_checkpoint_is_only_tensors_and_plain_values(two_epochs):
         assert len(h["val_sdr_songs"]) == synthetic.SYNTHETIC_SPLIT_SIZES["valid"]
         assert h["val_sdr"] == np.median(h["val_sdr_songs"])
     assert "history" in best and "args" in best and best["step"] <= last["step"]
+    # the model saved is the running average of the trained weights, which last.pth also holds for --resume
+    average, trained = last["model"], last["trained_model"]
+    assert average.keys() == trained.keys() and "trained_model" not in best
+    assert not torch.equal(average["output.weight"], trained["output.weight"])
+    assert torch.equal(average["encoder.0.norm.num_batches_tracked"], trained["encoder.0.norm.num_batches_tracked"])
 
 
 def wait_for(path, process, timeout=300):
@@ -127,8 +132,9 @@ def test_kill_9_during_training_then_resume_continues_exactly(tmp_path):
     assert f"resuming from {folder / 'last.pth'}: epoch 2" in result.stdout
     final = read_checkpoint(folder / "last.pth")
     assert final["epoch"] == 2 and [h["epoch"] for h in final["history"]] == [1, 2]
-    a, b = read_checkpoint(straight / "last.pth")["model"], final["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for weights in ("model", "trained_model"):  # the running average and the trained weights
+        a, b = read_checkpoint(straight / "last.pth")[weights], final[weights]
+        assert all(torch.equal(a[k], b[k]) for k in a), weights
 
 
 def test_time_budget_sizes_the_epochs_and_prints_the_plan(tmp_path):
