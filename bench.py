@@ -158,6 +158,7 @@ def main():
     parser.add_argument("--seconds", type=float, default=180, help="length of the inference test song")
     parser.add_argument("--repeats", type=int, default=5, help="runs (inference) or rounds of steps (training) per median")
     parser.add_argument("--cpu", action="store_true", help="CPU only, even when CUDA is available")
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as every error here
     args = parser.parse_args()
     if args.repeats < 1 or not args.seconds > 0:
         sys.exit(f"error: --repeats must be at least 1 and --seconds positive, got {args.repeats} and {args.seconds:g}")

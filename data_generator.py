@@ -617,12 +617,13 @@ def change_speed(audio, factor, length=PATCH_SAMPLES):
 
 
 def draw_sources(sources, weights, rng):
-    """Independently drawn tracks and speeds of one remix: ([track per stem], [speed factor per stem]). Each
-    stem's track comes from a source drawn with probability weights (no draw when there is one source)."""
-    def draw_track():
-        tracks = sources[0] if len(sources) == 1 else sources[rng.choice(len(sources), p=weights)]
+    """Independently drawn tracks and speeds of one remix: ([track per stem], [speed factor per stem]). Stem i's
+    track comes from a source drawn with probability weights[:, i] (no draw when one source lends that stem)."""
+    def draw_track(p):
+        lenders = np.flatnonzero(p)
+        tracks = sources[lenders[0]] if len(lenders) == 1 else sources[rng.choice(len(sources), p=p)]
         return tracks[rng.integers(len(tracks))]
-    return [draw_track() for _ in STEMS], [rng.uniform(*SPEED_RANGE) for _ in STEMS]
+    return [draw_track(weights[:, i]) for i in range(len(STEMS))], [rng.uniform(*SPEED_RANGE) for _ in STEMS]
 
 
 def clip_at_speed(audio, factor, rng, room, gain=1.0):
@@ -670,12 +671,31 @@ def random_remix(sources, weights, rng):
     return stems[0], stems[1]
 
 
+def default_weights(source, n_sources):
+    """(n_sources, 2) how often each training source lends a remix's (vocals, accompaniment), before normalising.
+    With MUSDB18 (or the synthetic set) first, the stems folders lend their vocals only: the model is for MUSDB18's
+    kind of music, and more singers over its bands helped there, where karaoke bands drawn alike cost (RESULTS.md,
+    section 0). A run on stems folders alone draws both stems from every folder alike."""
+    weights = np.ones((n_sources, len(STEMS)))
+    if source.kind != "stems":
+        weights[1:, STEMS.index("accompaniment")] = 0
+    return weights
+
+
+def describe_weights(weights):
+    """(n_sources, 2) weights -> 'sources drawn for the vocals 1 : 1, for the accompaniment 1 : 0'"""
+    ratio = lambda column: " : ".join(f"{w:g}" for w in column)
+    return f"sources drawn for the vocals {ratio(weights[:, 0])}, for the accompaniment {ratio(weights[:, 1])}"
+
+
 def training_batch(sources, batch_size, rng, weights=None):
     """A batch of random remixes (random_remix) drawn with the numpy Generator rng from sources, a list of
-    sources' track lists ([tracks] for one), drawn with probability weights (default equal):
-    (vocals, accompaniment), each (batch, PATCH_SAMPLES) float32 numpy arrays."""
-    weights = np.full(len(sources), 1.0) if weights is None else np.asarray(weights, dtype=np.float64)
-    weights = weights / weights.sum()
+    sources' track lists ([tracks] for one), drawn with probability weights: (n_sources,) for both stems or
+    (n_sources, 2) for (vocals, accompaniment) apart, default equal.
+    -> (vocals, accompaniment), each (batch, PATCH_SAMPLES) float32 numpy arrays."""
+    weights = np.ones(len(sources)) if weights is None else np.asarray(weights, dtype=np.float64)
+    weights = np.broadcast_to(weights.reshape(len(sources), -1), (len(sources), len(STEMS)))
+    weights = weights / weights.sum(axis=0)
     pairs = [random_remix(sources, weights, rng) for _ in range(batch_size)]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
@@ -764,7 +784,10 @@ def main(argv=None):
     print(f"validation: {len(valid)} tracks")
     print(f"STFT: {SAMPLE_RATE} Hz, Hann {N_FFT}, hop {HOP_LENGTH}, {N_BINS} bins; "
           f"patch {N_BINS} x {PATCH_FRAMES} frames = {PATCH_SAMPLES} samples ({PATCH_SAMPLES / SAMPLE_RATE:.1f} s)")
-    vocals, accompaniment = training_batch(sources, 16, np.random.default_rng(args.seed))
+    weights = default_weights(source, len(sources))
+    if len(sources) > 1:
+        print(describe_weights(weights))
+    vocals, accompaniment = training_batch(sources, 16, np.random.default_rng(args.seed), weights)
     mixture, target = patch_spectrograms(torch.from_numpy(vocals), torch.from_numpy(accompaniment))
     mask = print_statistics("training batch (random remixes)", mixture, target)
     if valid:  # every patch of the validation songs as mixed

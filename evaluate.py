@@ -162,6 +162,7 @@ def main():
     parser.add_argument("--tracks", type=int, default=None, help="score only the first N tracks")
     parser.add_argument("--output-dir", default="outputs/eval", help="per-track JSON per method, and summary.json")
     inference.add_separator_args(parser)
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as every error here
     args = parser.parse_args()
     try:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -555,6 +555,7 @@ def main():
                         "predicted mask and vocal spectrogram of the first 10 minutes")
     parser.add_argument("--musdb-root", default=None, help="dataset for the no --audio case (as in train.py)")
     parser.add_argument("--synthetic", action="store_true", help="no --audio: use the synthetic set's test song")
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as every error here
     args = parser.parse_args()
     try:
         check_separator_args(args)

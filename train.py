@@ -39,6 +39,19 @@ MIN_STEPS_PER_EPOCH = 32
 WARMUP_STEPS = 100
 BUDGET_MARGIN = 0.03  # of --time-budget, kept free for what the plan cannot time (saving, the last log lines)
 
+
+
+def stem_weights(text):
+    """One source's --source-weights: 'W' (vocals and accompaniment alike) or 'V:A' -> (V, A)."""
+    try:
+        values = tuple(float(part) for part in text.split(":"))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r} is not W or V:A (numbers)")
+    return values * (3 - len(values))
+
+
 # settings
 parser = argparse.ArgumentParser(description="Train the U-Net singing-voice separator (Jansson et al. 2017).",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -51,9 +64,10 @@ parser.add_argument("--synthetic", action="store_true", help="train on the built
 parser.add_argument("--stems", action="append", default=[], metavar="DIR", help="also train on a folder of track "
                     "folders (vocals.* + accompaniment.*, mixture.* or drums/bass/other.*) or MIR-1K; repeatable; "
                     "used whole less a held-apart tenth, which validates a run without --musdb-root")
-parser.add_argument("--source-weights", type=float, nargs="+", default=None, metavar="W", help="how often each "
-                    "source is drawn for a remix's vocals and, apart, its accompaniment: MUSDB18 first, then each "
-                    "--stems (default: equal)")
+parser.add_argument("--source-weights", type=stem_weights, nargs="+", default=None, metavar="W|V:A", help="how "
+                    "often each source lends a remix's vocals and, apart, its accompaniment, one W (both) or V:A per "
+                    "source: MUSDB18 first, then each --stems. None: with MUSDB18 1 1:0 (the stems folders lend "
+                    "vocals only), without it all equal")
 parser.add_argument("--init", default=None, metavar="CHECKPOINT", help="start from this model's weights (fine-tuning: "
                     "fresh optimiser and schedule)")
 parser.add_argument("--cache-dir", default=str(dg.DEFAULT_CACHE_DIR), help="decoded 8192 Hz audio is cached here")
@@ -70,6 +84,7 @@ parser.add_argument("--cpu", action="store_true", help="train on the CPU even wh
 parser.add_argument("--seed", type=int, default=0, help="random seed")
 parser.add_argument("--workers", type=int, default=None, help="processes building batches beside the step (same batches "
                     "whatever the number); default 0 on the CPU, where the step needs every core, up to 8 per GPU")
+parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as every error here
 args = parser.parse_args()
 launched = time.time()  # the time budget counts from here: loading and decoding the data are part of the run
 
@@ -86,8 +101,10 @@ for name, value, low in (("--batch-size", args.batch_size, 1), ("--epochs", args
 for name, value in (("--lr", args.lr), ("--time-budget", args.time_budget)):
     if value is not None and not value > 0:
         fail(f"{name} must be positive, got {value}")
-if args.source_weights is not None and (min(args.source_weights) < 0 or not sum(args.source_weights) > 0):
-    fail(f"--source-weights must be at least 0 and not all 0, got {' '.join(map(str, args.source_weights))}")
+if args.source_weights is not None and (min(map(min, args.source_weights)) < 0
+                                       or not all(sum(column) > 0 for column in zip(*args.source_weights))):
+    fail(f"--source-weights must be at least 0 and lend each stem from some source, got "
+         f"{' '.join(':'.join(f'{w:g}' for w in pair) for pair in args.source_weights)}")
 if args.init is not None and args.resume:
     fail("--init starts a new run and --resume continues one: give one of them")
 
@@ -166,7 +183,7 @@ train_tracks = [track for tracks in train_sources for track in tracks]
 if not all(train_sources) or not valid_tracks:
     fail(f"{source.describe()}: needs training tracks in every source and validation tracks, found "
          f"{' + '.join(str(len(tracks)) for tracks in train_sources)} and {len(valid_tracks)}")
-source_weights = args.source_weights or [1.0] * len(train_sources)
+source_weights = np.array(args.source_weights or dg.default_weights(source, len(train_sources)))
 if len(source_weights) != len(train_sources):
     fail(f"--source-weights: {len(source_weights)} given for {len(train_sources)} sources (MUSDB18 or the synthetic "
          f"set, then each --stems)")
@@ -175,8 +192,7 @@ log(f"tracks: {' + '.join(str(len(tracks)) for tracks in train_sources)} train, 
 if len(train_sources) > 1:
     gains = "; ".join(f"vocals x{tracks[0].gains[0]:.2f}, accompaniment x{tracks[0].gains[1]:.2f}"
                       for tracks in train_sources[1:])
-    log(f"sources drawn with weights {' : '.join(f'{w:g}' for w in source_weights)}; the other sources' stems "
-        f"scaled to the first's levels ({gains})")
+    log(f"{dg.describe_weights(source_weights)}; the other sources' stems scaled to the first's levels ({gains})")
 if source.kind == "stems":
     log(f"validation: the held-apart tracks of the stems folders, {valid_tracks[0].name} ... {valid_tracks[-1].name} "
         f"(never trained on)")

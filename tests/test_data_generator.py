@@ -474,7 +474,8 @@ def test_levels_of_other_sources_are_matched_to_the_first():
 
 
 def test_source_weights_decide_where_each_stem_comes_from():
-    """Weights 1 : 0 never draw the second source; equal weights draw both, vocals and accompaniment apart."""
+    """Weights 1 : 0 never draw the second source; equal weights draw both, vocals and accompaniment apart;
+    weights per stem (the default beside MUSDB18) take the vocals from both and the accompaniment from the first."""
     first = [dg.Track(f"a{i}", np.full((1, 2 * dg.PATCH_SAMPLES), 0.1, np.float32),
                       np.full((1, 2 * dg.PATCH_SAMPLES), 0.2, np.float32)) for i in range(3)]
     second = [dg.Track(f"b{i}", np.full((1, 2 * dg.PATCH_SAMPLES), 0.5, np.float32),
@@ -485,6 +486,12 @@ def test_source_weights_decide_where_each_stem_comes_from():
     from_second = np.median(vocals, axis=1) > 0.3, np.median(accompaniment, axis=1) > 0.45
     assert 16 < from_second[0].sum() < 48 and 16 < from_second[1].sum() < 48
     assert (from_second[0] != from_second[1]).any()  # MIR-1K vocals over MUSDB18 accompaniment happen
+    weights = dg.default_weights(dg.DataSource("musdb", stems=("mir",)), 2)
+    assert weights.tolist() == [[1, 1], [1, 0]] and "for the accompaniment 1 : 0" in dg.describe_weights(weights)
+    vocals, accompaniment = dg.training_batch([first, second], 64, np.random.default_rng(0), weights)
+    assert 16 < (np.median(vocals, axis=1) > 0.3).sum() < 48
+    assert np.allclose(np.median(accompaniment, axis=1), 0.2, atol=0.01)
+    assert dg.default_weights(dg.DataSource("stems", stems=("a", "b")), 2).tolist() == [[1, 1], [1, 1]]
     same = dg.training_batch([first], 4, np.random.default_rng(3))
     assert all(np.array_equal(a, b) for a, b in zip(same, dg.training_batch([first], 4, np.random.default_rng(3), [7.0])))
 

@@ -372,7 +372,8 @@ def test_bad_checkpoints(problem, message, tmp_path):
 @pytest.mark.parametrize("script,flags,message", [
     ("inference.py", ["--shifts", "0"], "--shifts must be at least 1, got 0"),
     ("inference.py", ["--filename", "{track}.{ext}"], "--filename must contain {track} and {stem}"),
-    ("evaluate.py", ["--shifts", "-1", "--folder", "."], "--shifts must be at least 1, got -1")])
+    ("evaluate.py", ["--shifts", "-1", "--folder", "."], "--shifts must be at least 1, got -1"),
+    ("evaluate.py", ["--shifts", "two", "--folder", "."], "argument --shifts: invalid int value: 'two'")])
 def test_bad_separation_flags(script, flags, message, tmp_path, tiny_checkpoint):
     """--cpu, --shifts and --wiener are declared once (add_separator_args) and checked one way."""
     song = tmp_path / "song.wav"

@@ -114,7 +114,8 @@ def wait_for(path, process, timeout=300):
 def test_kill_9_during_training_then_resume_continues_exactly(tmp_path):
     """A run killed during epoch 2 and resumed ends with exactly the weights of a run that was
     never interrupted: model, optimiser, schedule, RNG streams all come back. The resumed part
-    builds its batches in two worker processes: the batches do not depend on that."""
+    builds its batches in two worker processes: the batches do not depend on that. A last.pth of
+    before the running average (no trained_model) resumes too, its one weight set starting both."""
     flags = [*TINY, "--epochs", "2"]
     straight, folder = tmp_path / "straight", tmp_path / "killed"
     assert run_script("train.py", *flags, "--checkpoint-dir", straight, timeout=900).returncode == 0
@@ -127,6 +128,8 @@ def test_kill_9_during_training_then_resume_continues_exactly(tmp_path):
     model, checkpoint = load_model(folder / "last.pth")  # whatever moment the kill hit, this loads
     assert checkpoint["epoch"] == 1, "the kill came after epoch 2 had finished"
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no partial file left
+    (tmp_path / "old").mkdir()
+    torch.save({k: v for k, v in checkpoint.items() if k != "trained_model"}, tmp_path / "old" / "last.pth")
     result = run_script("train.py", *flags, "--checkpoint-dir", folder, "--resume", "--workers", "2", timeout=900)
     assert result.returncode == 0, result.stderr
     assert f"resuming from {folder / 'last.pth'}: epoch 2" in result.stdout
@@ -135,6 +138,9 @@ def test_kill_9_during_training_then_resume_continues_exactly(tmp_path):
     for weights in ("model", "trained_model"):  # the running average and the trained weights
         a, b = read_checkpoint(straight / "last.pth")[weights], final[weights]
         assert all(torch.equal(a[k], b[k]) for k in a), weights
+    result = run_script("train.py", *flags, "--checkpoint-dir", tmp_path / "old", "--resume", timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert read_checkpoint(tmp_path / "old" / "last.pth")["epoch"] == 2
 
 
 def test_time_budget_sizes_the_epochs_and_prints_the_plan(tmp_path):
@@ -224,17 +230,18 @@ def test_stems_folder_alone_trains_and_validates_on_its_held_apart_tracks(tmp_pa
 
 def test_two_sources_are_drawn_by_weight_with_levels_matched(tmp_path):
     make_stems_folder(tmp_path / "mine", ["a_1", "b_1", "c_1"], seconds=4)
-    result = run_script("train.py", *TINY, "--stems", tmp_path / "mine", "--source-weights", "3", "1", "--epochs", "1",
+    result = run_script("train.py", *TINY, "--stems", tmp_path / "mine", "--source-weights", "3", "1:0", "--epochs", "1",
                         "--checkpoint-dir", tmp_path / "ck", "--cache-dir", tmp_path / "cache", timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "tracks: 2 + 2 train" in result.stdout and "sources drawn with weights 3 : 1" in result.stdout
+    assert "tracks: 2 + 2 train" in result.stdout and "sources drawn for the vocals 3 : 1, for the accompaniment 3 : 0" in result.stdout
     assert re.search(r"scaled to the first's levels \(vocals x[\d.]+, accompaniment x[\d.]+\)", result.stdout)
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--source-weights", "1"], "--source-weights: 1 given for 2 sources"),
     (["--source-weights", "1", "-1"], "--source-weights must be at least 0"),
-    (["--source-weights", "0", "0"], "not all 0")])
+    (["--source-weights", "1:0", "1:0"], "lend each stem from some source, got 1:0 1:0"),
+    (["--source-weights", "1", "1:x"], "argument --source-weights: '1:x' is not W or V:A")])
 def test_bad_source_weights(flags, message, tmp_path):
     make_stems_folder(tmp_path / "mine", ["a_1", "b_1"], seconds=1)
     result = run_script("train.py", *TINY, "--stems", tmp_path / "mine", *flags, "--checkpoint-dir", tmp_path / "ck",
