@@ -657,7 +657,8 @@ def filled_remix(sources, weights, rng):
 def random_remix(sources, weights, rng):
     """One mono example, (vocals, accompaniment) each (PATCH_SAMPLES,) float32: stems from tracks
     and offsets drawn apart, so that examples are not only the songs as mixed, from random channels
-    at random speeds. Drawn tracks both shorter than a patch are followed by more (filled_remix)."""
+    at random speeds. Drawn tracks both shorter than a patch are followed by more (filled_remix).
+    weights: (n_sources, 2), each column the probabilities of the sources for that stem (as training_batch makes them)."""
     picks, factors = draw_sources(sources, weights, rng)
     spans = [int(np.ceil(t.vocals.shape[1] / f)) for t, f in zip(picks, factors)]  # after the speed change
     if max(spans) < PATCH_SAMPLES:  # filled_remix draws afresh; this draw stays so a seed gives the batches it gave

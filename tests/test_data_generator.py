@@ -323,7 +323,7 @@ def test_filled_patches_hold_whole_remixes_end_to_end():
     levels, tracks = constant_clips(seconds)
     rng = np.random.default_rng(2)
     for _ in range(10):
-        vocals, accompaniment = dg.random_remix([tracks], [1.0], rng)
+        vocals, accompaniment = dg.random_remix([tracks], np.ones((1, 2)), rng)
         assert vocals.shape == accompaniment.shape == (dg.PATCH_SAMPLES,)
         assert (np.abs(vocals) + np.abs(accompaniment) > 0).all()  # music throughout, no padding
         v_runs, a_runs = segment_bounds(vocals, levels), segment_bounds(accompaniment, levels)
@@ -343,7 +343,7 @@ def test_filled_patches_with_speed_changes_have_no_gaps():
     levels, tracks = constant_clips([6.8] * 6)
     rng = np.random.default_rng(3)
     for _ in range(10):
-        vocals, accompaniment = dg.random_remix([tracks], [1.0], rng)
+        vocals, accompaniment = dg.random_remix([tracks], np.ones((1, 2)), rng)
         assert (np.abs(vocals) + np.abs(accompaniment) > 0).all()
         v_runs, a_runs = segment_bounds(vocals, levels), segment_bounds(accompaniment, levels)
         assert 2 <= len(v_runs) == len(a_runs) <= 3
