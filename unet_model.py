@@ -79,10 +79,26 @@ class UNet(nn.Module):
         x = skips.pop()  # the deepest encoder output feeds the decoder directly
         for block in self.decoder:
             x = torch.cat([block(x), skips.pop()], dim=1)
-        return torch.sigmoid(self.output(x))
+        if torch.onnx.is_in_onnx_export():  # ONNX needs the kernel's shape before it runs: export the layer as it is
+            return torch.sigmoid(self.output(x))
+        return torch.sigmoid(subpixel_transposed_conv(self.output, x))
 
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+
+# The output layer, a 5x5 stride-2 transposed convolution to one channel, runs as a 3x3 convolution to the four
+# phases of its output (even/odd row x even/odd column) followed by pixel_shuffle: the same sums over the same
+# weights, while CPU kernels for a transposed convolution to a single channel are slow. A transposed convolution
+# convolves the input spread out with zeros with the flipped kernel, so each output phase meets only the flipped
+# kernel's taps of one parity: 3 per axis on even outputs, 2 (and a zero) on odd ones.
+def subpixel_transposed_conv(layer, x):
+    """layer: ConvTranspose2d(C, 1, kernel_size=5, stride=2, padding=2, output_padding=1); x (batch, C, F, T)
+    -> layer(x), (batch, 1, 2F, 2T), computed as a convolution and pixel_shuffle (gradients flow to layer's weights)."""
+    taps = nn.functional.pad(layer.weight[:, 0].flip(1, 2), (1, 0, 1, 0))  # (C, 6, 6): a zero tap in front
+    weight = torch.stack([taps[:, 1::2, 1::2], taps[:, 1::2, 0::2],  # output channel 2r + c: row parity r,
+                          taps[:, 0::2, 1::2], taps[:, 0::2, 0::2]])  # column parity c -> (4, C, 3, 3)
+    return nn.functional.pixel_shuffle(nn.functional.conv2d(x, weight, layer.bias.expand(4), padding=1), 2)
 
 
 def amp_dtype(device):

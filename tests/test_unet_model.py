@@ -12,7 +12,7 @@ import torch
 import data_generator as dg
 from conftest import BAD_CHECKPOINTS, write_bad_checkpoint, REPO, assert_one_line_error, run_script
 from unet_model import (CheckpointError, UNet, UNetConfig, export, load_model, masked_l1_loss, read_checkpoint,
-                        save_checkpoint, train_step)
+                        save_checkpoint, subpixel_transposed_conv, train_step)
 
 
 def expected_params(n):
@@ -52,6 +52,25 @@ def test_architecture_follows_the_paper():
     # skip connections: decoder inputs after the first are concatenations (twice the width)
     assert [block.deconv.in_channels for block in model.decoder] == [512, 512, 256, 128, 64]
     assert model.output.in_channels == 32 and model.output.out_channels == 1
+
+
+def test_the_output_layer_as_subpixel_convolution_is_the_transposed_convolution():
+    torch.manual_seed(0)
+    layer = torch.nn.ConvTranspose2d(6, 1, kernel_size=5, stride=2, padding=2, output_padding=1).double()
+    x = torch.randn(2, 6, 8, 5, dtype=torch.float64)
+    assert torch.allclose(subpixel_transposed_conv(layer, x), layer(x), atol=1e-12)
+    # a single input pixel spreads the 5x5 kernel (no flip) centred on output (2m, 2n): every tap is used once
+    impulse = torch.zeros(1, 6, 4, 4, dtype=torch.float64)
+    impulse[0, 3, 1, 2] = 1.0
+    out = subpixel_transposed_conv(layer, impulse)[0, 0] - layer.bias
+    assert torch.allclose(out[0:5, 2:7], layer.weight[3, 0], atol=1e-12) and out.abs().sum() == out[0:5, 2:7].abs().sum()
+    # training goes through it: the gradients reach the layer's weights as through the transposed convolution
+    grads = []
+    for form in (layer, lambda x: subpixel_transposed_conv(layer, x)):
+        layer.zero_grad()
+        form(x).square().sum().backward()
+        grads.append((layer.weight.grad.clone(), layer.bias.grad.clone()))
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(*grads))
 
 
 def test_masked_l1_loss_is_the_mean_absolute_error_of_the_masked_mixture():
