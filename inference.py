@@ -17,10 +17,12 @@ It runs as a stream over blocks of the file: memory stays flat for any duration,
 result does not depend on the block size.
 """
 import argparse
+import collections
 import contextlib
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -217,8 +219,8 @@ class StreamingSeparator:
         self.next_frame, self.vocals = 0, OverlapAdd(channels)
 
     def process(self, block):
-        block = np.ascontiguousarray(block, dtype=np.float32)
-        self.mixture.append(torch.from_numpy(block))
+        block = np.asarray(block, dtype=np.float32)  # often the transpose of a file's (samples, channels) block
+        self.mixture.append(torch.from_numpy(block))  # one copy into the timeline, whatever the memory order
         self._feed_copies(block, last=False)
         return self._run()
 
@@ -230,7 +232,7 @@ class StreamingSeparator:
     def _feed_copies(self, block, last):
         """Resample a block (channels, samples) of the input to 8192 Hz once, for every copy."""
         if self.resampler is not None:
-            block = self.resampler.resample_chunk(block.T, last=last).T
+            block = self.resampler.resample_chunk(np.ascontiguousarray(block.T), last=last).T  # soxr: (samples, channels)
         low = torch.from_numpy(np.ascontiguousarray(block))
         for copy in self.copies:
             copy.feed(low, last)
@@ -431,19 +433,28 @@ def separate_file(path, outputs, mask_fn, fmt="wav", plot=None, **options):
 
 
 def stream_file(path, info, separator, writers):
-    """Read the file block by block through the separator into the writers -> frames read; DataError if damaged."""
+    """Read the file block by block through the separator into the writers -> frames read; DataError if damaged.
+    The stems are written by a second thread while the separator works on the next blocks: encoding and the
+    transposing copies release the GIL and mostly run while a core would otherwise wait. At most two blocks' stems
+    wait for it, so memory stays bounded, and a block that only gathers samples (its patches are not ready yet)
+    does not wait for the large write before it. (Reading stays here: the decoder silences the process's stderr
+    while it runs, which must not hide this thread's messages.)"""
     def write(stems):
         for stem, part in zip(dg.STEMS, stems):
             writers[stem].write(part.T if writers[stem].subtype == "FLOAT" else np.clip(part.T, -1, 1))
 
-    frames = 0
-    with dg.open_audio(path) as reader:
+    frames, queued = 0, collections.deque()
+    with dg.open_audio(path) as reader, ThreadPoolExecutor(max_workers=1) as writer:
         while (block := dg.read_block(reader, path, READ_SECONDS * info.samplerate)).shape[0]:
             dg.check_audio_samples(path, block)
             frames += block.shape[0]
-            write(separator.process(block.T))
-    dg.check_audio_length(path, info, frames)
-    write(separator.finish())
+            queued.append(writer.submit(write, separator.process(block.T)))
+            while len(queued) > 2:  # bounded memory; a failed write stops the file here
+                queued.popleft().result()
+        dg.check_audio_length(path, info, frames)
+        queued.append(writer.submit(write, separator.finish()))
+        for job in queued:
+            job.result()
     return frames
 
 
