@@ -37,7 +37,8 @@ DEFAULT_CHECKPOINT = "checkpoints/best_model.pth"
 DEFAULT_SHIFTS = 2  # copies on offset frame grids whose masks are averaged (see StreamingSeparator)
 PATCH_HOP = 96  # frames between patches: a quarter overlap for the cross-fade (RESULTS.md: patches further apart
 # separated worse; half overlap costs the network a third more time for the same quality on whole songs)
-PATCHES_PER_CALL = 16  # patches gathered before the network runs: big batches keep it fast
+PATCHES_PER_CALL = 8  # patches (about 70 s) gathered per channel before the network runs: a stereo file makes one
+# batch of 16, as fast per patch as larger ones on CPU; more would hold more of a long file in memory at once
 FULL_BAND_BLOCK = 256  # full-rate STFT frames (about 16 s) separated together: few big tensor operations, flat memory
 WIENER_FRAMES = 64  # full-rate frames (about 4 s) that share the Wiener filter's statistics
 MASK_EXTENSION_BINS = 128  # above 4096 Hz the mask is the mean of its top 128 bins (3-4 kHz)
