@@ -58,35 +58,6 @@ class DecoderBlock(nn.Module):
         return self.dropout(self.act(self.norm(self.deconv(x))))
 
 
-class UNet(nn.Module):
-    """Normalised mixture magnitudes (batch, 1, 512, 128) -> mask (batch, 1, 512, 128) in [0, 1]."""
-
-    def __init__(self, config=None):
-        super().__init__()
-        self.config = config or UNetConfig()
-        widths = [self.config.n_channels * 2 ** k for k in range(N_LEVELS)]  # 16 ... 512
-        self.encoder = nn.ModuleList(EncoderBlock(c_in, c_out) for c_in, c_out in zip([1] + widths[:-1], widths))
-        # 512 -> 256, then (256 + 256) -> 128, ... (32 + 32) -> 16; dropout on the first three
-        self.decoder = nn.ModuleList(DecoderBlock(widths[-1] if k == 0 else 2 * widths[-1 - k], widths[-2 - k],
-                                                  self.config.dropout if k < 3 else 0.0) for k in range(N_LEVELS - 1))
-        # the last layer maps (16 + 16) channels to the one-channel mask; no norm so the sigmoid sees raw scores
-        self.output = nn.ConvTranspose2d(2 * widths[0], 1, kernel_size=5, stride=2, padding=2, output_padding=1)
-
-    def forward(self, x):
-        skips = []
-        for block in self.encoder:
-            skips.append(x := block(x))
-        x = skips.pop()  # the deepest encoder output feeds the decoder directly
-        for block in self.decoder:
-            x = torch.cat([block(x), skips.pop()], dim=1)
-        if torch.onnx.is_in_onnx_export():  # ONNX needs the kernel's shape before it runs: export the layer as it is
-            return torch.sigmoid(self.output(x))
-        return torch.sigmoid(subpixel_transposed_conv(self.output, x))
-
-    def get_num_params(self):
-        return sum(p.numel() for p in self.parameters())
-
-
 # The output layer, a 5x5 stride-2 transposed convolution to one channel, runs as a 3x3 convolution to the four
 # phases of its output (even/odd row x even/odd column) followed by pixel_shuffle: the same sums over the same
 # weights, while CPU kernels for a transposed convolution to a single channel are slow. A transposed convolution
@@ -99,6 +70,44 @@ def subpixel_transposed_conv(layer, x):
     weight = torch.stack([taps[:, 1::2, 1::2], taps[:, 1::2, 0::2],  # output channel 2r + c: row parity r,
                           taps[:, 0::2, 1::2], taps[:, 0::2, 0::2]])  # column parity c -> (4, C, 3, 3)
     return nn.functional.pixel_shuffle(nn.functional.conv2d(x, weight, layer.bias.expand(4), padding=1), 2)
+
+
+class OutputLayer(nn.ConvTranspose2d):
+    """The last layer: 5x5 stride-2 transposed convolution to the mask's raw scores, (B, C, F, T) -> (B, 1, 2F, 2T),
+    computed by subpixel_transposed_conv; ONNX needs a kernel's shape before it runs, so export keeps the layer as is."""
+
+    def __init__(self, in_channels):
+        super().__init__(in_channels, 1, kernel_size=5, stride=2, padding=2, output_padding=1)
+
+    def forward(self, x):
+        return super().forward(x) if torch.onnx.is_in_onnx_export() else subpixel_transposed_conv(self, x)
+
+
+class UNet(nn.Module):
+    """Normalised mixture magnitudes (batch, 1, 512, 128) -> mask (batch, 1, 512, 128) in [0, 1]."""
+
+    def __init__(self, config=None):
+        super().__init__()
+        self.config = config or UNetConfig()
+        widths = [self.config.n_channels * 2 ** k for k in range(N_LEVELS)]  # 16 ... 512
+        self.encoder = nn.ModuleList(EncoderBlock(c_in, c_out) for c_in, c_out in zip([1] + widths[:-1], widths))
+        # 512 -> 256, then (256 + 256) -> 128, ... (32 + 32) -> 16; dropout on the first three
+        self.decoder = nn.ModuleList(DecoderBlock(widths[-1] if k == 0 else 2 * widths[-1 - k], widths[-2 - k],
+                                                  self.config.dropout if k < 3 else 0.0) for k in range(N_LEVELS - 1))
+        # the last layer maps (16 + 16) channels to the one-channel mask; no norm so the sigmoid sees raw scores
+        self.output = OutputLayer(2 * widths[0])
+
+    def forward(self, x):
+        skips = []
+        for block in self.encoder:
+            skips.append(x := block(x))
+        x = skips.pop()  # the deepest encoder output feeds the decoder directly
+        for block in self.decoder:
+            x = torch.cat([block(x), skips.pop()], dim=1)
+        return torch.sigmoid(self.output(x))
+
+    def get_num_params(self):
+        return sum(p.numel() for p in self.parameters())
 
 
 def amp_dtype(device):

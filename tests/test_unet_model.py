@@ -71,6 +71,10 @@ def test_the_output_layer_as_subpixel_convolution_is_the_transposed_convolution(
         form(x).square().sum().backward()
         grads.append((layer.weight.grad.clone(), layer.bias.grad.clone()))
     assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(*grads))
+    # the network's own output layer runs this form and stays a module (hooks see it)
+    output = UNet(UNetConfig(n_channels=3)).output.double()
+    y = torch.randn(2, 6, 8, 5, dtype=torch.float64)
+    assert torch.allclose(output(y), torch.nn.ConvTranspose2d.forward(output, y), atol=1e-12)
 
 
 def test_masked_l1_loss_is_the_mean_absolute_error_of_the_masked_mixture():
