@@ -406,7 +406,9 @@ def test_a_checkpoint_with_a_mask_exponent_is_used_with_the_masks_as_predicted(t
         assert result.returncode == 0, result.stderr
         assert "model: " in result.stdout and "error" not in result.stderr
         vocals.append(sf.read(str(tmp_path / name / "song_vocals.wav"), dtype="float32")[0])
-    assert np.array_equal(vocals[0], vocals[1])
+    # two processes may differ in the last bits (CPU kernels can pick their path by the buffers' alignment);
+    # mask^0.5 would move these samples by orders of magnitude more
+    np.testing.assert_allclose(vocals[0], vocals[1], rtol=0, atol=1e-6)
 
 
 def test_plot_and_flac_and_filename_template(tiny_checkpoint, tmp_path):
