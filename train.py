@@ -79,7 +79,7 @@ parser.add_argument("--epochs", type=int, default=20, help="passes over the trai
 parser.add_argument("--time-budget", type=float, default=None, metavar="MIN", help="size the epochs so that the "
                     "whole run, loading and validation included, takes about MIN minutes on this machine")
 parser.add_argument("--batch-size", type=int, default=16, help="patches per step (per process under torchrun)")
-parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of Adam (warm-up, cosine decay to 0)")
+parser.add_argument("--lr", type=float, default=4e-3, help="peak learning rate of Adam (warm-up, cosine decay to 0)")
 parser.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
 parser.add_argument("--seed", type=int, default=0, help="random seed")
 parser.add_argument("--workers", type=int, default=None, help="processes building batches beside the step (same batches "
