@@ -14,6 +14,7 @@ MIN_STEPS_PER_EPOCH steps; --time-budget MIN instead sizes the epochs so that th
 """
 import argparse
 import copy
+import itertools
 import math
 import os
 import signal
@@ -212,10 +213,11 @@ class TrainingBatches(torch.utils.data.Dataset):
         return torch.from_numpy(vocals), torch.from_numpy(accompaniment)
 
 
-def batch_loader(first, last, key=0):
-    """Batches first..last-1 in order, built by --workers processes ahead of the step (here when 0)."""
+def batch_loader(first, key=0):
+    """Batches first, first + 1, ... in order, built by --workers processes ahead of the step (here when 0); endless,
+    since a --time-budget run resizes its epochs as it goes."""
     return torch.utils.data.DataLoader(
-        TrainingBatches(key), batch_size=None, sampler=range(first, last), num_workers=args.workers,
+        TrainingBatches(key), batch_size=None, sampler=itertools.count(first), num_workers=args.workers,
         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
         prefetch_factor=4 if args.workers > 0 else None, worker_init_fn=lambda _: torch.set_num_threads(1),
         multiprocessing_context="fork" if args.workers > 0 else None,  # workers inherit the tracks, no pickling
@@ -241,7 +243,7 @@ def describe_plan(steps_per_epoch):
     return f"{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size * world_size} patches ({patches:,} patches)"
 
 
-by_budget = args.time_budget is not None and checkpoint is None  # a resumed run keeps the plan it started with
+by_budget = args.time_budget is not None and checkpoint is None  # a resumed run keeps the plan of its last epoch
 if checkpoint is not None:
     steps_per_epoch = checkpoint.get("steps_per_epoch") or checkpoint["args"]["steps_per_epoch"]
     log(f"plan: {describe_plan(steps_per_epoch)}, as {last_path} was planned")
@@ -361,8 +363,8 @@ def save(path, epoch, resumable):
                  torch_rng=torch.get_rng_state(),
                  cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None) if resumable else {}
     save_checkpoint(path, average, dg.SPEC_CONFIG, args.target, args=vars(args), epoch=epoch, step=step,
-                    steps_per_epoch=steps_per_epoch, best_val_loss=best_val_loss, best_val_sdr=best_val_sdr,
-                    history=history, dataset=source.describe(), **extra)
+                    steps_per_epoch=steps_per_epoch, warmup_steps=warmup_steps, best_val_loss=best_val_loss,
+                    best_val_sdr=best_val_sdr, history=history, dataset=source.describe(), **extra)
 
 
 writer = None
@@ -390,7 +392,7 @@ def seconds_per_step(n_steps=8, n_untimed=2):
     trial_optimizer = torch.optim.Adam(trial_model.parameters(), lr=args.lr)
     trial_scaler = torch.amp.GradScaler(device.type, enabled=scaler.is_enabled())
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout's stream stays put
-        for i, batch in enumerate(batch_loader(0, n_untimed + n_steps, key=1)):
+        for i, batch in enumerate(itertools.islice(batch_loader(0, key=1), n_untimed + n_steps)):
             if i == n_untimed:
                 t0 = time.time()
             train_step(trial_model, trial_optimizer, trial_scaler, *to_spectrograms(*batch), autocast_dtype).item()
@@ -411,17 +413,31 @@ def plan_by_budget():
              f"takes {step_seconds:.2f} s and a validation {validation_seconds:.0f} s; give more minutes or fewer --epochs")
     planned = elapsed + args.epochs * (steps * step_seconds + validation_seconds)
     log(f"plan: {describe_plan(steps)}, sized to --time-budget {args.time_budget:g} min: {step_seconds:.2f} s a step, "
-        f"{validation_seconds:.1f} s a validation, {elapsed:.0f} s so far, planned to end after {planned / 60:.1f} min")
-    return steps
+        f"{validation_seconds:.1f} s a validation, {elapsed:.0f} s so far, planned to end after {planned / 60:.1f} min; "
+        f"later epochs are resized by the time the last one took")
+    return steps, validation_seconds
+
+
+def replan(epoch, step_seconds, epoch_overhead):
+    """Steps for each epoch after this one (ending, its validation still to come) that fill what is left of
+    --time-budget, at the last epoch's seconds per step and per validation: the speed of a shared machine drifts
+    during a run, and a plan fixed from the first steps missed its budget either way (RESULTS.md, section 0).
+    0: even one step more would overrun."""
+    epochs_left = args.epochs - epoch - 1
+    left = args.time_budget * 60 * (1 - BUDGET_MARGIN) - agree(time.time() - launched) - epoch_overhead
+    return max(0, int((left / epochs_left - epoch_overhead) / step_seconds))
 
 
 if by_budget:
-    steps_per_epoch = plan_by_budget()
+    steps_per_epoch, epoch_overhead = plan_by_budget()
 
 # the loop: linear warm-up, then cosine decay of the learning rate to 0 at the last step, so that the weights of the
-# last epochs settle rather than keep moving at a tenth of the peak rate
-total_steps = args.epochs * steps_per_epoch
+# last epochs settle rather than keep moving at a tenth of the peak rate. A --time-budget run recomputes total_steps
+# whenever it resizes its epochs.
+total_steps = step + (args.epochs - start_epoch) * steps_per_epoch
 warmup_steps = min(WARMUP_STEPS, total_steps // 5)  # short runs must not spend most steps warming up
+if checkpoint is not None:
+    warmup_steps = checkpoint.get("warmup_steps", warmup_steps)  # as planned at the start
 
 
 def get_lr(it):
@@ -496,7 +512,8 @@ def end_epoch(epoch, train_loss, lr, t0):
         save(last_path, epoch + 1, resumable=True)
     log(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, val loss {val['val_loss']:.4f}, "
         f"val SDR {val['val_sdr']:.2f} dB{' (best)' if improved else ''}, mask mean {val['mask_mean']:.3f} "
-        f"std {val['mask_std']:.3f}, lr {lr:.1e}, {time.time() - t0:.0f} s")
+        f"std {val['mask_std']:.3f}, lr {lr:.1e}, {time.time() - t0:.0f} s"
+        + (f"; next epochs {steps_per_epoch} steps" if by_budget and epoch + 1 < args.epochs and not out_of_time else ""))
 
 
 def check_replicas():
@@ -514,18 +531,25 @@ interrupted = False  # set by on_ctrl_c
 if not ddp:  # under torchrun every rank gets the signal and must not stop at different steps
     signal.signal(signal.SIGINT, on_ctrl_c)
 started, epoch = time.time(), start_epoch
-batches = iter(batch_loader(step, total_steps))
+batches = iter(batch_loader(step))
 try:
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
         train_loss, lr = train_epoch(epoch, batches)
+        out_of_time = False
+        if by_budget and epoch + 1 < args.epochs:  # before end_epoch saves, so that last.pth holds the new plan
+            steps = replan(epoch, agree(time.time() - t0) / steps_per_epoch, epoch_overhead)
+            out_of_time = steps == 0
+            if not out_of_time:
+                steps_per_epoch, total_steps = steps, step + (args.epochs - epoch - 1) * steps
+        t1 = time.time()
         end_epoch(epoch, train_loss, lr, t0)
+        epoch_overhead = agree(time.time() - t1)
         if interrupted:  # Ctrl-C during validation: this epoch is complete and saved, stop here
             raise KeyboardInterrupt
-        if by_budget and epoch + 1 < args.epochs and \
-                agree(time.time() - launched + time.time() - t0) > args.time_budget * 60:
-            log(f"time budget: the next epoch would end after {args.time_budget:g} min (the machine got slower "
-                f"than measured at the start); stopping after epoch {epoch + 1}")
+        if out_of_time:
+            log(f"time budget: not one more step fits in {args.time_budget:g} min (the machine got much slower); "
+                f"stopping after epoch {epoch + 1}")
             break
 except KeyboardInterrupt:
     log(f"\ninterrupted in epoch {epoch + 1}; the last completed epoch is in {last_path} "
