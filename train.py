@@ -246,7 +246,9 @@ def describe_plan(steps_per_epoch):
 by_budget = args.time_budget is not None and checkpoint is None  # a resumed run keeps the plan of its last epoch
 if checkpoint is not None:
     steps_per_epoch = checkpoint.get("steps_per_epoch") or checkpoint["args"]["steps_per_epoch"]
-    log(f"plan: {describe_plan(steps_per_epoch)}, as {last_path} was planned")
+    left = max(0, args.epochs - checkpoint["epoch"])  # a budget run's earlier epochs may have had other sizes
+    log(f"plan: {left} epoch(s) left of --epochs {args.epochs}, each {steps_per_epoch} steps of "
+        f"{args.batch_size * world_size} patches, as {last_path} planned them")
 elif not by_budget:
     steps_per_epoch, pass_patches, pass_frames = one_pass()
     log(f"plan: {describe_plan(steps_per_epoch)}; an epoch: one pass over {pass_frames:,} frames of training audio "

@@ -133,6 +133,7 @@ def test_kill_9_during_training_then_resume_continues_exactly(tmp_path):
     result = run_script("train.py", *flags, "--checkpoint-dir", folder, "--resume", "--workers", "2", timeout=900)
     assert result.returncode == 0, result.stderr
     assert f"resuming from {folder / 'last.pth'}: epoch 2" in result.stdout
+    assert f"plan: 1 epoch(s) left of --epochs 2, each {checkpoint['steps_per_epoch']} steps of 2 patches" in result.stdout
     final = read_checkpoint(folder / "last.pth")
     assert final["epoch"] == 2 and [h["epoch"] for h in final["history"]] == [1, 2]
     for weights in ("model", "trained_model"):  # the running average and the trained weights
