@@ -6,6 +6,7 @@ it. `python data_generator.py` is a sanity check of all this, with a PNG of one 
 """
 import argparse
 import contextlib
+import copy
 import hashlib
 import math
 import os
@@ -616,14 +617,25 @@ def change_speed(audio, factor, length=PATCH_SAMPLES):
     return np.ascontiguousarray(np.pad(out, ((0, 0), (0, length - out.shape[1]))), dtype=np.float32)
 
 
+AS_MIXED_SHARE = 0.5  # of the remixes whose vocals come from a track that has its own accompaniment, the share
+# that keeps it, in time: the song as mixed, at a random speed. The model separates songs as mixed, where voice and
+# band share key, tempo and onsets, which remixes of two songs never do (RESULTS.md, section 0).
+
+
 def draw_sources(sources, weights, rng):
-    """Independently drawn tracks and speeds of one remix: ([track per stem], [speed factor per stem]). Stem i's
-    track comes from a source drawn with probability weights[:, i] (no draw when one source lends that stem)."""
+    """The tracks and speeds of one remix: ([track per stem], [speed factor per stem], as_mixed). Stem i's track
+    comes from a source drawn with probability weights[:, i] (no draw when one source lends that stem); as_mixed:
+    both stems are one track's, at one speed, with probability AS_MIXED_SHARE where the vocals' source also lends
+    accompaniment (weights[source, 1] > 0), else drawn apart."""
     def draw_track(p):
         lenders = np.flatnonzero(p)
-        tracks = sources[lenders[0]] if len(lenders) == 1 else sources[rng.choice(len(sources), p=p)]
-        return tracks[rng.integers(len(tracks))]
-    return [draw_track(weights[:, i]) for i in range(len(STEMS))], [rng.uniform(*SPEED_RANGE) for _ in STEMS]
+        source = lenders[0] if len(lenders) == 1 else rng.choice(len(sources), p=p)
+        return source, sources[source][rng.integers(len(sources[source]))]
+    (source, vocals), (_, accompaniment) = draw_track(weights[:, 0]), draw_track(weights[:, 1])
+    factors = [rng.uniform(*SPEED_RANGE) for _ in STEMS]
+    if weights[source, 1] > 0 and rng.random() < AS_MIXED_SHARE:
+        return [vocals, vocals], [factors[0]] * 2, True
+    return [vocals, accompaniment], factors, False
 
 
 def clip_at_speed(audio, factor, rng, room, gain=1.0):
@@ -645,9 +657,11 @@ def filled_remix(sources, weights, rng):
     out = np.zeros((len(STEMS), PATCH_SAMPLES), dtype=np.float32)
     position = 0
     while position < PATCH_SAMPLES:
-        picks, factors = draw_sources(sources, weights, rng)
-        clips = [clip_at_speed(getattr(track, name), factor, rng, PATCH_SAMPLES - position, track.gain(name))
-                 for name, track, factor in zip(STEMS, picks, factors)]
+        picks, factors, as_mixed = draw_sources(sources, weights, rng)
+        # as mixed, the accompaniment's clip repeats the vocals' draws (start, channel) from a copy of the stream
+        streams = [copy.deepcopy(rng), rng] if as_mixed else [rng, rng]
+        clips = [clip_at_speed(getattr(track, name), factor, stream, PATCH_SAMPLES - position, track.gain(name))
+                 for name, track, factor, stream in zip(STEMS, picks, factors, streams)]
         for row, clip in zip(out, clips):
             row[position:position + len(clip)] = clip
         position += max(len(clip) for clip in clips)
@@ -655,19 +669,23 @@ def filled_remix(sources, weights, rng):
 
 
 def random_remix(sources, weights, rng):
-    """One mono example, (vocals, accompaniment) each (PATCH_SAMPLES,) float32: stems from tracks
-    and offsets drawn apart, so that examples are not only the songs as mixed, from random channels
-    at random speeds. Drawn tracks both shorter than a patch are followed by more (filled_remix).
-    weights: (n_sources, 2), each column the probabilities of the sources for that stem (as training_batch makes them)."""
-    picks, factors = draw_sources(sources, weights, rng)
+    """One mono example, (vocals, accompaniment) each (PATCH_SAMPLES,) float32, from a random channel at a random
+    speed: a song as mixed (AS_MIXED_SHARE of the draws that can be) or stems from tracks and offsets drawn apart,
+    so that examples are not only the songs as mixed. Drawn tracks both shorter than a patch are followed by more
+    (filled_remix). weights: (n_sources, 2), each column the probabilities of the sources for that stem (as
+    training_batch makes them)."""
+    picks, factors, as_mixed = draw_sources(sources, weights, rng)
     spans = [int(np.ceil(t.vocals.shape[1] / f)) for t, f in zip(picks, factors)]  # after the speed change
     if max(spans) < PATCH_SAMPLES:  # filled_remix draws afresh; this draw stays so a seed gives the batches it gave
         return filled_remix(sources, weights, rng)
     lengths = [int(np.ceil(PATCH_SAMPLES * f)) for f in factors]  # samples to read to fill the patch at that speed
     starts = [random_start(t.vocals.shape[1], rng, n) for t, n in zip(picks, lengths)]
+    streams = [rng, rng]
+    if as_mixed:  # one start, and one channel: the accompaniment's draw repeats the vocals' from a copy of the stream
+        starts[1], streams[0] = starts[0], copy.deepcopy(rng)
     stems = []
-    for name, track, start, factor, length in zip(STEMS, picks, starts, factors, lengths):
-        part = augment_channel(excerpt(getattr(track, name), start, length), rng) * np.float32(track.gain(name))
+    for name, track, start, factor, length, stream in zip(STEMS, picks, starts, factors, lengths, streams):
+        part = augment_channel(excerpt(getattr(track, name), start, length), stream) * np.float32(track.gain(name))
         stems.append(change_speed(part[None], factor)[0])
     return stems[0], stems[1]
 
