@@ -94,7 +94,7 @@ def test_a_checkpoint_is_only_tensors_and_plain_values(two_epochs):
     assert len(history) == 2 and all(isinstance(v, (int, float, list)) for h in history for v in h.values())
     for h in history:
         assert len(h["val_sdr_songs"]) == synthetic.SYNTHETIC_SPLIT_SIZES["valid"]
-        assert h["val_sdr"] == np.median(h["val_sdr_songs"])
+        assert h["val_sdr"] == np.median(h["val_sdr_songs"]) and h["val_sdr_mean"] == np.mean(h["val_sdr_songs"])
     assert "history" in best and "args" in best and best["step"] <= last["step"]
     # the model saved is the running average of the trained weights, which last.pth also holds for --resume
     average, trained = last["model"], last["trained_model"]
@@ -175,9 +175,10 @@ def test_best_model_is_the_epoch_with_the_best_validation_sdr_and_tensorboard_ha
     events = EventAccumulator(str(tmp_path / "logs"), size_guidance={"images": 0, "audio": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
-    for scalar in ("train/loss", "val/loss", "val/sdr", "val/mask_mean", "val/mask_std", "train/lr", "train/loss_step"):
+    for scalar in ("train/loss", "val/loss", "val/sdr", "val/sdr_mean", "val/mask_mean", "val/mask_std", "train/lr", "train/loss_step"):
         assert scalar in tags["scalars"], scalar
     assert [e.step for e in events.Scalars("val/loss")] == [0, 1, 2]
+    assert [e.value for e in events.Scalars("val/sdr_mean")][1:] == pytest.approx([h["val_sdr_mean"] for h in history])
     assert {"separation/0", "separation/1"} <= set(tags["images"])
     assert [e.step for e in events.Images("separation/0")] == [0, 1, 2]
     assert {"separation/0_vocals", "separation/0_mixture"} <= set(tags["audio"])
