@@ -69,7 +69,7 @@ def model_mask_fn(model, device, batch_size=16):
 def oracle_mask_fn(target, mixture):
     """mask_fn that returns the ideal ratio mask of a known target, patch by patch.
     target, mixture: (channels, samples) at 8192 Hz, resampled as the separator resamples."""
-    magnitudes = (dg.stft(torch.as_tensor(x)).abs() for x in (target, mixture))
+    magnitudes = (dg.stft(torch.tensor(x)).abs() for x in (target, mixture))  # a copy: x may be a read-only cache
     masks = dg.to_patches(dg.oracle_mask(*magnitudes), PATCH_HOP)  # (channels, n, 512, 128)
 
     def mask_fn(patches, first_patch):
