@@ -320,7 +320,7 @@ def estimate_val_loss():
 
 @torch.no_grad()
 def estimate_val_sdr():
-    """(median, per-song list) of the target's SDR (dB) on the validation songs, separated by inference's
+    """(median, mean, per-song list) of the target's SDR (dB) on the validation songs, separated by inference's
     separator at 8192 Hz, scored like evaluate.py (BSSEval v4): a steadier judge than the loss."""
     mask_fn = inference.model_mask_fn(average, device, args.batch_size)
     scores = torch.zeros(len(valid_tracks), dtype=torch.float64, device=device)
@@ -330,20 +330,21 @@ def estimate_val_sdr():
         scores[i] = evaluate.target_sdr(getattr(track, args.target), estimate, dg.SAMPLE_RATE)
     if ddp:
         dist.all_reduce(scores)  # every song was scored by exactly one rank
-    per_song = scores.cpu().tolist()
-    return float(np.nanmedian(per_song)), per_song  # nan: a song whose target is silent throughout
+    per_song = scores.cpu().tolist()  # nan: a song whose target is silent throughout
+    if np.isnan(per_song).all():
+        return float("nan"), float("nan"), per_song
+    # the median (museval's statistic, and the one that selects) moves with whichever songs sit in the middle; the
+    # mean of the songs is printed beside it as the steadier figure (RESULTS.md, section 0)
+    return float(np.nanmedian(per_song)), float(np.nanmean(per_song)), per_song
 
 
 def validate():
     """Every validation figure of the averaged model, as plain floats for the log and the history."""
     try:
         val_loss, mask_mean, mask_std = estimate_val_loss()
-        val_sdr, val_sdr_songs = estimate_val_sdr()
+        val_sdr, val_sdr_mean, val_sdr_songs = estimate_val_sdr()
     except dg.DataError as e:  # what scoring needs is missing (see evaluate.target_sdr)
         fail(str(e))
-    # the median (museval's statistic, and the one that selects) moves with whichever songs sit in the middle; the
-    # mean of the songs is printed beside it as the steadier figure (RESULTS.md, section 0)
-    val_sdr_mean = float(np.nanmean(val_sdr_songs)) if not np.isnan(val_sdr_songs).all() else float("nan")
     return dict(val_loss=val_loss, val_sdr=val_sdr, val_sdr_mean=val_sdr_mean, mask_mean=mask_mean, mask_std=mask_std,
                 val_sdr_songs=val_sdr_songs)
 
