@@ -111,14 +111,14 @@ def wait_for(path, process, timeout=300):
         time.sleep(0.1)
 
 
-def test_kill_9_during_training_then_resume_continues_exactly(tmp_path):
+def test_kill_9_during_training_then_resume_continues_exactly(two_epochs, tmp_path):
     """A run killed during epoch 2 and resumed ends with exactly the weights of a run that was
-    never interrupted: model, optimiser, schedule, RNG streams all come back. The resumed part
-    builds its batches in two worker processes: the batches do not depend on that. A last.pth of
-    before the running average (no trained_model) resumes too, its one weight set starting both."""
+    never interrupted (two_epochs, the same flags): model, optimiser, schedule, RNG streams all come
+    back. The resumed part builds its batches in two worker processes: the batches do not depend on
+    that. A last.pth of before the running average (no trained_model) resumes too, its one weight
+    set starting both."""
     flags = [*TINY, "--epochs", "2"]
-    straight, folder = tmp_path / "straight", tmp_path / "killed"
-    assert run_script("train.py", *flags, "--checkpoint-dir", straight, timeout=900).returncode == 0
+    straight, folder = two_epochs[0], tmp_path / "killed"
     args = [sys.executable, str(REPO / "train.py"), *flags, "--checkpoint-dir", str(folder)]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     wait_for(folder / "last.pth", process)
