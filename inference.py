@@ -50,20 +50,35 @@ PLOT_SECONDS = 600  # --plot pictures the first 10 minutes
 # mask sources: the U-Net, or the oracle mask for evaluation's reference rows
 
 def model_mask_fn(model, device, batch_size=16):
-    """mask_fn for the separator: normalised patches (channels, n, 512, 128) and the index of the first
-    -> masks of the same shape; batch_size patches per network call, mixed precision where the device has it."""
+    """mask_fn for the separator: magnitude patches (channels, n, 512, 128) and the index of the first -> masks
+    of the same shape. Each patch is normalised as in training; batch_size patches per network call, mixed
+    precision where the device has it; the two channels of a stereo recording are linked (link_channels)."""
     dtype = amp_dtype(device)
 
     @torch.inference_mode()
     def mask_fn(patches, first_patch):
-        flat = patches.reshape(-1, 1, *patches.shape[-2:])
+        (normalised,) = dg.normalise(patches)
+        flat = normalised.reshape(-1, 1, *patches.shape[-2:])
         masks = []
         for i in range(0, flat.shape[0], batch_size):
             x = flat[i:i + batch_size].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 masks.append(model(x).float().cpu())
-        return torch.cat(masks).reshape(patches.shape)
+        return link_channels(torch.cat(masks).reshape(patches.shape), patches)
     return mask_fn
+
+
+def link_channels(masks, magnitude):
+    """Stereo masks (2, ...) pulled towards their mean wherever the two channels sound alike, by the similarity
+    2|L||R| / (|L|^2 + |R|^2) of their magnitudes (same shape): 1 where both carry the same sound, e.g. a centred
+    voice, whose two masks estimate one thing, so that their mean halves the network's error; 0 where one side
+    is silent, so that a voice panned hard to one side keeps its own mask (RESULTS.md, section 0). Mono or more
+    than two channels: the masks as they are."""
+    if masks.shape[0] != 2:
+        return masks
+    left, right = magnitude
+    similarity = 2 * left * right / (left.square() + right.square()).clamp(min=1e-12)
+    return masks + similarity * (masks.mean(dim=0, keepdim=True) - masks)
 
 
 def oracle_mask_fn(target, mixture):
@@ -181,8 +196,8 @@ class MaskStream:
             music = segment[..., max(0, -start):self.low.end - start]
             segment = torch.cat([segment[..., :self.low.end - start], dg.loop_to(music, end - self.low.end)], dim=-1)
         magnitude = dg.stft(segment, center=False).abs()  # (channels, 512, frames of these patches)
-        (normalised,) = dg.normalise(dg.to_patches(magnitude, PATCH_HOP))  # (channels, count, 512, 128)
-        total, weight = dg.overlap_add(self.mask_fn(normalised, first), PATCH_HOP)
+        patches = dg.to_patches(magnitude, PATCH_HOP)  # (channels, count, 512, 128)
+        total, weight = dg.overlap_add(self.mask_fn(patches, first), PATCH_HOP)
         self.fading.add(total, weight, first * PATCH_HOP)
         self.next_patch = first + count
         self.low.forget_before(patch_samples(self.next_patch, 1)[0])
@@ -402,8 +417,8 @@ def predicted_mask(low, mask_fn):
     same mask in pieces; past the end of songs longer than one network call it repeats less of the song):
     low (channels, samples) -> (channels, 512, frames)."""
     low = torch.as_tensor(low)
-    (normalised,) = dg.normalise(dg.to_patches(dg.stft(dg.fill_patch_grid(low, PATCH_HOP)).abs(), PATCH_HOP))
-    return dg.from_patches(mask_fn(normalised, 0), PATCH_HOP, dg.n_frames(low.shape[-1]))
+    patches = dg.to_patches(dg.stft(dg.fill_patch_grid(low, PATCH_HOP)).abs(), PATCH_HOP)
+    return dg.from_patches(mask_fn(patches, 0), PATCH_HOP, dg.n_frames(low.shape[-1]))
 
 
 # -----------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def reference_separation(audio, rate, mask_fn, shifts=1):
         grid = (dg.n_patches(frames, hop) - 1) * hop + dg.PATCH_FRAMES  # past the end: the music again from its start
         filled = dg.loop_to(low, (grid - 1) * dg.HOP_LENGTH + dg.N_FFT // 2)
         patches = dg.to_patches(dg.stft(filled).abs()[..., :grid], hop)
-        mask = dg.from_patches(mask_fn(dg.normalise(patches)[0], 0), hop, frames).numpy()  # (C, 512, frames)
+        mask = dg.from_patches(mask_fn(patches, 0), hop, frames).numpy()  # (C, 512, frames)
         at = (times * dg.SAMPLE_RATE + delay) / dg.HOP_LENGTH
         masks.append([[np.interp(at, np.arange(frames), mask[c, b]) for b in range(512)] for c in range(len(audio))])
     mean_mask = np.mean(masks, axis=0)
@@ -164,6 +164,35 @@ def test_stereo_output_differs_between_channels_when_the_input_does(tiny_checkpo
     same = np.repeat(audio[:1], 2, axis=0)
     vocals, _ = inference.separate(same, 44100, inference.model_mask_fn(model, torch.device("cpu")))
     assert np.abs(vocals[0] - vocals[1]).max() < 1e-6
+
+
+def test_link_channels_pulls_stereo_masks_together_where_the_channels_sound_alike():
+    masks = torch.tensor([[0.2, 0.2, 0.2], [0.6, 0.6, 0.6]])
+    magnitude = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 2.0]])  # alike, right silent, right twice as loud
+    linked = inference.link_channels(masks, magnitude)
+    assert torch.allclose(linked, torch.tensor([[0.4, 0.2, 0.36], [0.4, 0.6, 0.44]]))
+    assert torch.equal(inference.link_channels(masks[:1], magnitude[:1]), masks[:1])  # mono: untouched
+
+
+def test_the_model_links_the_channels_of_a_stereo_recording(tiny_checkpoint):
+    fn = inference.model_mask_fn(load_model(tiny_checkpoint)[0], torch.device("cpu"))
+    patches = torch.rand(2, 2, 512, 128, generator=torch.Generator().manual_seed(0))
+    own = torch.cat([fn(patches[c:c + 1], 0) for c in range(2)])  # each channel alone, as mono
+    both = fn(patches, 0)
+    assert torch.allclose(both, inference.link_channels(own, patches), atol=1e-6)
+    assert (both - own).abs().max() > 1e-3
+
+
+def test_a_voice_panned_hard_left_keeps_its_own_mask(tiny_checkpoint):
+    model, _ = load_model(tiny_checkpoint)
+    left = noise(1, 6, 44100, seed=6)
+    stereo = np.concatenate([left, np.zeros_like(left)])
+    fn = inference.model_mask_fn(model, torch.device("cpu"))
+    vocals, _ = inference.separate(stereo, 44100, fn)
+    alone, _ = inference.separate(left, 44100, fn)
+    assert np.abs(vocals[0] - alone[0]).max() < 1e-5 * np.abs(left).max() and not vocals[1].any()
+    centred, _ = inference.separate(np.concatenate([left, left]), 44100, fn)  # both alike: each gets the same
+    assert np.abs(centred[0] - alone[0]).max() < 1e-5 * np.abs(left).max()
 
 
 @needs_shared
