@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -436,6 +437,18 @@ def safe_name(name):
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]
 
 
+LOADERS = min(4, os.cpu_count() or 1)  # tracks read at once: a first run decodes one while another waits on ffmpeg
+
+
+def load_all(load, items, desc, progress=True):
+    """[load(item) for item in items], LOADERS at a time in threads: on a first run (empty cache) decoding one
+    track overlaps reading and resampling another, about twice as fast on two cores (RESULTS.md, section 5). The
+    first error is raised once the tracks being read are done; the rest are not started."""
+    with ThreadPoolExecutor(LOADERS) as pool:  # on an error, map's iterator cancels the tracks not yet started
+        return list(tqdm(pool.map(load, items), total=len(items), desc=desc, unit="track", disable=not progress,
+                         leave=False))
+
+
 def load_tracks(source, split, n_songs=None, cache_dir=DEFAULT_CACHE_DIR, seed=0, progress=True):
     """Tracks of 'train', 'valid' (musdb's split of its train subset) or 'test', stems (channels, samples)
     at SAMPLE_RATE; n_songs: the first so many (all, with a warning, if fewer exist). A DataSource of stems
@@ -449,8 +462,7 @@ def load_tracks(source, split, n_songs=None, cache_dir=DEFAULT_CACHE_DIR, seed=0
     mtracks = musdb_tracks(source, "test") if split == "test" else musdb_tracks(source, "train", split)
     if n_songs is not None and n_songs > len(mtracks):
         warn(f"--n-songs {n_songs}: only {len(mtracks)} {split} tracks exist in {source.root}; using all")
-    todo = tqdm(mtracks[:n_songs], desc=f"loading {split} tracks", unit="track", disable=not progress, leave=False)
-    return [cached_musdb_track(t, cache_dir) for t in todo]
+    return load_all(lambda t: cached_musdb_track(t, cache_dir), mtracks[:n_songs], f"loading {split} tracks", progress)
 
 
 def training_sources(source, n_songs=None, cache_dir=DEFAULT_CACHE_DIR, seed=0, progress=True):
@@ -577,10 +589,9 @@ def stems_split(folder, split, flag="--stems"):
 
 def load_stems_tracks(folder, split, cache_dir=DEFAULT_CACHE_DIR, progress=True):
     """Tracks at SAMPLE_RATE of a split of a stems folder, decoded once, then memory-mapped from cache_dir."""
-    todo = tqdm(stems_split(folder, split), desc=f"loading {split} tracks of {Path(folder).name}", unit="track",
-                disable=not progress, leave=False)
-    return [cached_track(e.name, list(e.files.values()), lambda e=e: read_stems(e), Path(cache_dir) / "stems")
-            for e in todo]
+    def load(entry):
+        return cached_track(entry.name, list(entry.files.values()), lambda: read_stems(entry), Path(cache_dir) / "stems")
+    return load_all(load, stems_split(folder, split), f"loading {split} tracks of {Path(folder).name}", progress)
 
 
 # training examples: random remixes cut into patches -----------------------------------------------

@@ -210,6 +210,23 @@ def test_musdb_loader_on_the_shared_previews(tmp_path, monkeypatch):
     assert time.time() - t0 < 5
 
 
+def test_tracks_read_together_keep_their_order_and_the_first_error_stops_the_rest(monkeypatch):
+    monkeypatch.setattr(dg, "LOADERS", 2)
+    # the later items finish first: the result must still follow the items, not the finishing order
+    assert dg.load_all(lambda i: time.sleep(0.05 * (4 - i)) or i * 10, range(5), "t", progress=False) == [0, 10, 20, 30, 40]
+    started = []
+
+    def load(i):
+        started.append(i)
+        if i == 1:
+            raise dg.DataError("track 1: not a readable audio file")
+        time.sleep(0.1)
+        return i
+    with pytest.raises(dg.DataError, match="track 1"):
+        dg.load_all(load, range(40), "t", progress=False)
+    assert 2 <= len(started) < 10  # read two at a time, and not started after the error
+
+
 # -----------------------------------------------------------------------------
 # training examples
 
