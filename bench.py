@@ -1,15 +1,17 @@
 """Benchmarks for the machine they run on, which they name first (CPU features, torch, threads, date):
-`python bench.py [--only inference|memory|training]`. inference: inference.py end to end next to the floor
+`python bench.py [--only inference|memory|training|live]`. inference: inference.py end to end next to the floor
 (a Python process that imports torch, reads the same file and writes two stems); memory: peak RSS of
 inference.py on a 3- and a 60-minute file; training: patches/s of train.py's step (unet_model.train_step)
-in float32 and with train.py's autocast, alone and with the batches built as train.py builds them."""
-import argparse
+in float32 and with train.py's autocast, alone and with the batches built as train.py builds them; live: live.py
+fed 44.1 kHz stereo at its own pace at each latency of LIVE_LATENCIES: the latency measured from a click in to the
+click out, and the share of real time the separation takes."""
 import datetime
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -17,13 +19,17 @@ import numpy as np
 import torch
 
 import data_generator as dg
+import separator
 import synthetic
-from unet_model import CheckpointError, UNet, UNetConfig, amp_dtype, load_model, save_checkpoint, train_step
+from unet_model import UNet, UNetConfig, amp_dtype, load_model, save_checkpoint, train_step
+from utils import Parser, choose_device, fail, run_cli
 
 REPO = Path(__file__).resolve().parent
 MEMORY_MINUTES = (3, 60)  # lengths of the files whose peak memory is measured
 TRAIN_BATCH = {"cpu": 16, "cuda": 64}  # train.py's default on the CPU; a batch that fills a GPU
 TRAIN_STEPS = 3  # timed steps per round; --repeats rounds, the median is reported
+LIVE_LATENCIES = (0.5, 1.0, 2.0)  # seconds
+LIVE_SECONDS, LIVE_CLICKS = 24, 8  # of 44.1 kHz stereo fed to live.py at each latency; clicks in it, one at a time
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides oneDNN's float32 and bf16 speed
 ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")  # environment limits on kernels
 FLOOR = """import sys, torch, soundfile as sf
@@ -64,17 +70,14 @@ def run(command):
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, cwd=REPO, text=True)
     if done.returncode != 0:
-        sys.exit(f"error: {' '.join(map(str, command[:3]))} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        fail(f"{' '.join(map(str, command[:3]))} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     return done.stdout, time.perf_counter() - start
 
 
 def benchmark_checkpoint(args, workdir):
     """(path, description) of the model to time: --checkpoint, or a random one of the same size."""
     if Path(args.checkpoint).exists():
-        try:
-            return args.checkpoint, f"{args.checkpoint}, n_channels={load_model(args.checkpoint)[0].config.n_channels}"
-        except CheckpointError as e:
-            sys.exit(f"error: {e}")
+        return args.checkpoint, f"{args.checkpoint}, n_channels={load_model(args.checkpoint)[0].config.n_channels}"
     path = workdir / "random_init.pth"  # the same network and cost as a trained one
     save_checkpoint(path, UNet(UNetConfig()).eval(), dg.SPEC_CONFIG)
     return path, "random, n_channels=16 (no trained checkpoint found; the timing is the same)"
@@ -127,7 +130,7 @@ def patches_per_second(steps, batch_size, repeats):
 def bench_training(args, workdir, checkpoint):
     """train.py's step on one batch (float32, train.py's autocast), and on batches built as train.py does."""
     config = load_model(checkpoint)[0].config
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")  # as train.py
+    device = choose_device(args.cpu)  # as train.py
     tracks, rng = [synthetic.synthetic_track("train", i) for i in range(10)], np.random.default_rng(0)
     batch_size, autocast = TRAIN_BATCH[device.type], amp_dtype(device)
 
@@ -150,27 +153,73 @@ def bench_training(args, workdir, checkpoint):
         print(f"| training | {name} | {rate:.1f} patches/s | {rate / next(iter(rates.values())):.2f}x float32 alone |")
 
 
+def feed_at_pace(pipe, audio, rate, times, block=441):
+    """Write (samples, channels) int16 audio to a pipe in blocks of `block` samples at the pace of its rate, noting
+    in `times` when each block went; closes the pipe at the end."""
+    started = time.perf_counter()
+    for i in range(0, len(audio), block):
+        time.sleep(max(0.0, started + i / rate - time.perf_counter()))
+        pipe.write(audio[i:i + block].tobytes())
+        pipe.flush()
+        times.append((i + block, time.perf_counter()))
+    pipe.close()
+
+
+def bench_live(args, workdir, checkpoint):
+    """live.py at each latency: LIVE_SECONDS of 44.1 kHz stereo silence with LIVE_CLICKS clicks, fed at its own
+    pace; a click leaves at the sample it came in on, so the time from writing its block to reading that sample back
+    is the latency, measured. The separation's share of real time and the underruns come from live.py's status."""
+    rate = 44100
+    audio = np.zeros((LIVE_SECONDS * rate, 2), np.int16)
+    clicks = [int((1.5 + k * (LIVE_SECONDS - 3) / LIVE_CLICKS) * rate) for k in range(LIVE_CLICKS)]
+    audio[clicks] = 20000
+    for latency in LIVE_LATENCIES:
+        process = subprocess.Popen([sys.executable, "live.py", "--checkpoint", str(checkpoint), "--latency",
+                                    str(latency), "--stem", "accompaniment"] + (["--cpu"] if args.cpu else []),
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+        process.stderr.readline()  # the model's line: loaded and warmed up, the stream can start
+        fed, out, received = [], bytearray(), []
+        feeder = threading.Thread(target=feed_at_pace, args=(process.stdin, audio, rate, fed))
+        feeder.start()
+        while chunk := process.stdout.read1(1 << 16):
+            out += chunk
+            received.append((len(out) // 4, time.perf_counter()))
+        feeder.join()
+        status = process.stderr.read().decode().strip().splitlines()
+        if process.wait() != 0 or len(out) != audio.nbytes:
+            fail(f"live.py --latency {latency} failed: {(status or ['?'])[-1]}")
+        heard = np.abs(np.frombuffer(bytes(out), np.int16).reshape(-1, 2)).max(axis=1)
+        delays = []
+        for click in clicks:
+            found = click + int(np.argmax(heard[click:click + rate // 10] > 1000))
+            sent = next(t for end, t in fed if end > click)
+            delays.append(next(t for end, t in received if end > found) - sent)
+        load = next(word for word in status[-1].split(", ") if "real time" in word)
+        print(f"| live | latency {latency:g} s, 44.1 kHz stereo at its own pace | {np.mean(delays):.3f} s measured "
+              f"(clicks {min(delays):.3f}-{max(delays):.3f}) | {load.replace('separation ', 'separation: ')}, "
+              f"{status[-1].split(', ')[-2]} |", flush=True)
+
+
 def main():
-    parser = argparse.ArgumentParser(description="Benchmark inference speed, memory and training throughput.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--only", choices=["inference", "memory", "training"], default=None, help="run one part")
-    parser.add_argument("--checkpoint", default="checkpoints/best_model.pth", help="model to time (if missing: random)")
+    parser = Parser("Benchmark inference speed, memory, training throughput and live separation.")
+    parser.add_argument("--only", choices=["inference", "memory", "training", "live"], default=None,
+                        help="run one part")
+    separator.add_model_args(parser)
     parser.add_argument("--seconds", type=float, default=180, help="length of the inference test song")
     parser.add_argument("--repeats", type=int, default=5, help="runs (inference) or rounds of steps (training) per median")
-    parser.add_argument("--cpu", action="store_true", help="CPU only, even when CUDA is available")
-    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as every error here
     args = parser.parse_args()
     if args.repeats < 1 or not args.seconds > 0:
-        sys.exit(f"error: --repeats must be at least 1 and --seconds positive, got {args.repeats} and {args.seconds:g}")
+        fail(f"--repeats must be at least 1 and --seconds positive, got {args.repeats} and {args.seconds:g}")
     print(machine())
     with tempfile.TemporaryDirectory(prefix="unet-bench-") as tmp:
         checkpoint, described = benchmark_checkpoint(args, Path(tmp))
         print(f"checkpoint: {described}\n\n| part | measurement | value | note |\n|---|---|---|---|")
         (Path(tmp) / "out").mkdir()
-        for part, bench in (("inference", bench_inference), ("memory", bench_memory), ("training", bench_training)):
+        for part, bench in (("inference", bench_inference), ("memory", bench_memory), ("training", bench_training),
+                            ("live", bench_live)):
             if args.only in (None, part):
                 bench(args, Path(tmp), checkpoint)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,12 +1,12 @@
 """
 The built-in synthetic multitrack set: a singer over drums, bass and chords, made in code, so that
 the whole pipeline and the tests run with no dataset and no ffmpeg. It is not real music: a model
-trained on it learns the idea of the task, not a useful separator. data_generator.load_tracks
-returns these songs for a synthetic DataSource; this module imports data_generator, not the reverse.
+trained on it learns the idea of the task, not a useful separator. datasets.load_tracks serves
+these songs for a synthetic DataSource.
 """
 import numpy as np
 
-from data_generator import EPS, SAMPLE_RATE, Track
+from audio import SAMPLE_RATE, Track
 
 SYNTHETIC_SPLIT_SIZES = {"train": 10, "valid": 6, "test": 4}  # songs per split
 SYNTHETIC_SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
@@ -182,7 +182,7 @@ def midi_hz(note):
 
 
 def level_rms(x, rms):
-    return x * (rms / (np.sqrt(np.mean(x ** 2)) + EPS))
+    return x * (rms / (np.sqrt(np.mean(x ** 2)) + 1e-8))
 
 
 def pan(x, position):

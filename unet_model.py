@@ -7,11 +7,9 @@ Also: the one loss and training step, checkpoints (data only: tensors and plain 
     python unet_model.py                                     # parameter count and shape check
     python unet_model.py --export onnx|torchscript CHECKPOINT
 """
-import argparse
 import importlib.util
 import pickle
 import re
-import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import data_generator as dg
+from utils import CheckpointError, Parser, atomic_write, fail, run_cli
 
 N_LEVELS = 6  # each level halves both axes: inputs must be multiples of 64 in frequency and time
 
@@ -142,10 +140,6 @@ def train_step(model, optimizer, scaler, mixture, target, autocast_dtype):
 
 # checkpoints, one format for every script, are data: tensors and plain Python values (dicts, lists, tuples,
 # strings, numbers, None), read with torch.load(weights_only=True), which refuses a pickle naming anything else.
-class CheckpointError(Exception):
-    """A checkpoint that is missing, unreadable, unsafe or does not match; one line for the user."""
-
-
 def read_checkpoint(path):
     """The dict stored at path, read as data (weights_only=True). Raises CheckpointError."""
     path = Path(path)
@@ -201,7 +195,7 @@ def save_checkpoint(path, model, spec_config, target="vocals", **state):
 
 def write_checkpoint(path, state):
     """torch.save through a temporary file and a rename: a run killed mid-save leaves the old file whole."""
-    dg.atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 # export: the network alone (the STFT stays outside the graph)
@@ -211,7 +205,7 @@ def export(model, kind, path, frames=128):
     example = torch.rand(1, 1, 512, frames)
     if kind == "onnx":
         if importlib.util.find_spec("onnx") is None:  # torch's exporter needs it; fail before writing anything
-            raise SystemExit("error: ONNX export needs the onnx package: pip install onnx")
+            fail("ONNX export needs the onnx package: pip install onnx")
         with warnings.catch_warnings():  # the TorchScript-based exporter is deprecated but needs no onnxscript
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(model, (example,), str(path), input_names=["magnitude"], output_names=["mask"],
@@ -234,8 +228,8 @@ def shape_check(n_channels):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Check the U-Net's shapes, or export a checkpoint.")
-    parser.add_argument("--n-channels", type=int, default=16, help="first-layer width (default: 16)")
+    parser = Parser("Check the U-Net's shapes, or export a checkpoint.")
+    parser.add_argument("--n-channels", type=int, default=16, help="first-layer width")
     parser.add_argument("--export", choices=["onnx", "torchscript"], help="export CHECKPOINT to this format")
     parser.add_argument("checkpoint", nargs="?", default=None, help="checkpoint to export")
     parser.add_argument("--output", default=None, help="export path (default: CHECKPOINT with .onnx or .ts)")
@@ -243,15 +237,12 @@ def main():
     if not args.export:
         return shape_check(args.n_channels)
     if args.checkpoint is None:
-        sys.exit("error: --export needs a CHECKPOINT, e.g. python unet_model.py --export onnx checkpoints/best_model.pth")
-    try:
-        model, _ = load_model(args.checkpoint)
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
+        fail("--export needs a CHECKPOINT, e.g. python unet_model.py --export onnx checkpoints/best_model.pth")
+    model, _ = load_model(args.checkpoint)
     output = Path(args.output or Path(args.checkpoint).with_suffix(".onnx" if args.export == "onnx" else ".ts"))
     export(model, args.export, output)
     print(f"exported {args.checkpoint} ({model.get_num_params():,} parameters) to {output}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

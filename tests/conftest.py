@@ -94,13 +94,13 @@ def make_stems_folder(root, names, layout="accompaniment", seconds=3.0, rate=160
     'accompaniment' (vocals + accompaniment), 'mixture' (vocals + mixture), 'parts' (vocals + drums,
     bass, other), as .flac; or 'mir1k' (MIR-1K as distributed: Wavfile/<name>.wav, accompaniment on
     the left, voice on the right). Returns {name: synthetic Track} (stereo, or the first channel)."""
-    import data_generator as dg
+    import audio
     import synthetic
     tracks = {}
     for i, name in enumerate(names):
         track = synthetic.synthetic_track("train", i, rate=rate, seconds=seconds)
         vocals, accompaniment = (track.vocals[:1], track.accompaniment[:1]) if mono else (track.vocals, track.accompaniment)
-        tracks[name] = dg.Track(name, vocals, accompaniment)
+        tracks[name] = audio.Track(name, vocals, accompaniment)
         if layout == "mir1k":
             (root / "Wavfile").mkdir(parents=True, exist_ok=True)
             sf.write(str(root / "Wavfile" / f"{name}.wav"), np.concatenate([accompaniment[:1], vocals[:1]]).T, rate)
@@ -109,7 +109,15 @@ def make_stems_folder(root, names, layout="accompaniment", seconds=3.0, rate=160
         folder.mkdir(parents=True)
         files = {"accompaniment": {"accompaniment": accompaniment}, "mixture": {"mixture": vocals + accompaniment},
                  "parts": {part: accompaniment / 3 for part in ("drums", "bass", "other")}}[layout]
-        for stem, audio in dict(vocals=vocals, **files).items():
-            sf.write(str(folder / f"{stem}.flac"), audio.T, rate)
+        for stem, samples in dict(vocals=vocals, **files).items():
+            sf.write(str(folder / f"{stem}.flac"), samples.T, rate)
     return tracks
 
+
+
+@pytest.fixture(scope="session")
+def tiny_stems(tmp_path_factory):
+    """A small stems folder for training runs: ten 3 s songs of five singers ('singer4' held apart: validation)."""
+    folder = tmp_path_factory.mktemp("tiny_stems")
+    make_stems_folder(folder, [f"singer{i // 2}_song{i % 2}" for i in range(10)], seconds=3.0, rate=8192)
+    return folder

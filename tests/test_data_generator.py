@@ -1,20 +1,19 @@
-"""data_generator.py: STFT, patches, normalisation and the oracle mask (the numbers everything else
-relies on), the datasets, training batches, and the sanity check's command line."""
+"""data_generator.py: STFT, patches, normalisation and the oracle mask (the numbers everything else relies on),
+training batches of remixes, and the sanity check's command line."""
 import os
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
-import soundfile as sf
 import pytest
 import torch
 
+import audio
 import data_generator as dg
+import datasets
 import synthetic
-from conftest import (make_stems_folder, make_wav_dataset, MIR1K, MUSDB7, REPO, assert_one_line_error, needs_ffmpeg,
-                      needs_shared, run_script)
+from conftest import make_stems_folder, REPO, assert_one_line_error, run_script
 
 
 # -----------------------------------------------------------------------------
@@ -121,111 +120,6 @@ def test_normalisation_gives_music_one_level_whatever_silence_pads_it():
     assert torch.allclose(dg.normalise(quiet)[0][:, :73].mean(), torch.tensor(101 / 73), atol=1e-3)
 
 
-def test_resample_keeps_a_tone_at_its_frequency():
-    rate = 44100
-    t = np.arange(rate) / rate
-    tone = np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 880 * t)]).astype(np.float32)
-    low = dg.resample(tone, rate, dg.SAMPLE_RATE)
-    assert low.shape == (2, dg.SAMPLE_RATE)
-    peaks = np.abs(np.fft.rfft(low, axis=1)).argmax(axis=1)  # 1 s of audio: bin == Hz
-    assert list(peaks) == [440, 880]
-
-
-# -----------------------------------------------------------------------------
-# datasets
-
-def test_dataset_path_errors_are_one_line(tmp_path):
-    with pytest.raises(dg.DataError, match="no such folder"):
-        dg.find_data_source(tmp_path / "missing")
-    (tmp_path / "train").mkdir()
-    with pytest.raises(dg.DataError, match="no MUSDB18 tracks"):
-        dg.find_data_source(tmp_path)
-
-
-def test_non_interactive_without_a_dataset_falls_back_to_synthetic_with_a_warning(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(dg, "REPO_DIR", tmp_path)
-    monkeypatch.setattr(dg, "PREVIEW_DIR", tmp_path / "MUSDB18" / "MUSDB18-7")
-    source = dg.find_data_source(interactive=False)
-    assert source.kind == "synthetic"
-    out, err = capsys.readouterr()
-    assert out == "" and err.startswith("warning:") and "SYNTHETIC" in err and len(err.splitlines()) == 1
-
-
-@needs_ffmpeg
-def test_failed_download_is_a_clear_warning_and_leaves_nothing(monkeypatch, tmp_path, capsys):
-    import urllib.error
-    import musdb
-
-    def offline(*args, **kwargs):
-        (tmp_path / "MUSDB18" / "MUSDB18-7").mkdir(parents=True)  # musdb creates its root first
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(dg, "REPO_DIR", tmp_path)
-    monkeypatch.setattr(dg, "PREVIEW_DIR", tmp_path / "MUSDB18" / "MUSDB18-7")
-    monkeypatch.setattr(musdb, "DB", offline)
-    source = dg.find_data_source(download=True, interactive=False)
-    out, err = capsys.readouterr()
-    assert source.kind == "synthetic" and out == ""
-    assert "download of the MUSDB18 previews failed" in err and "offline" in err
-    assert not (tmp_path / "MUSDB18" / "MUSDB18-7").exists()
-
-
-def test_asking_for_more_songs_than_exist_uses_all_with_a_warning(tmp_path, capsys):
-    # the last is in musdb's valid split
-    make_wav_dataset(tmp_path / "hq", ["A - Train One", "B - Train Two", "ANiMAL - Rockshow"], seconds=2.0)
-    source = dg.find_data_source(tmp_path / "hq")
-    assert source.kind == "musdb" and source.is_wav
-    tracks = dg.load_tracks(source, "train", 50, tmp_path / "cache", progress=False)
-    assert [t.name for t in tracks] == ["A - Train One", "B - Train Two"]
-    assert tracks[0].vocals.shape == (2, 2 * dg.SAMPLE_RATE)
-    out, err = capsys.readouterr()
-    assert out == "" and "warning: --n-songs 50: only 2 train tracks exist" in err
-    assert not any(p.suffix == ".npy" for p in (tmp_path / "hq").rglob("*"))  # nothing beside the dataset
-
-
-@needs_shared
-@needs_ffmpeg
-def test_musdb_loader_on_the_shared_previews(tmp_path, monkeypatch):
-    source = dg.find_data_source(MUSDB7)
-    assert source.kind == "musdb" and not source.is_wav
-    assert len(dg.musdb_tracks(source, "train", "train")) == 80
-    valid_names = [t.name for t in dg.musdb_tracks(source, "train", "valid")]
-    assert len(valid_names) == 14 and "ANiMAL - Rockshow" in valid_names
-    tracks = dg.load_tracks(source, "valid", 2, tmp_path, progress=False)
-    assert [t.name for t in tracks] == valid_names[:2]
-    for track in tracks:
-        assert track.vocals.shape[0] == 2 and track.vocals.shape == track.accompaniment.shape
-        # ~6.8 s at 8192 Hz: about 73 frames, shorter than one 128-frame patch
-        assert 6.0 < track.vocals.shape[1] / dg.SAMPLE_RATE < 7.5
-        assert dg.n_frames(track.vocals.shape[1]) < dg.PATCH_FRAMES
-        assert np.abs(track.vocals).max() > 0.01 and np.isfinite(track.mixture).all()
-        mixture, target = dg.validation_patches(track)
-        assert mixture.shape == (2, 1, 512, 128)  # short tracks are padded, not dropped
-    # the second load reads the cache and never decodes
-    import musdb
-    monkeypatch.setattr(musdb.MultiTrack, "stems", property(lambda self: pytest.fail("decoded again")))
-    t0 = time.time()
-    again = dg.load_tracks(source, "valid", 2, tmp_path, progress=False)
-    assert np.array_equal(again[0].vocals, tracks[0].vocals)
-    assert time.time() - t0 < 5
-
-
-def test_tracks_read_together_keep_their_order_and_the_first_error_stops_the_rest(monkeypatch):
-    monkeypatch.setattr(dg, "LOADERS", 2)
-    # the later items finish first: the result must still follow the items, not the finishing order
-    assert dg.load_all(lambda i: time.sleep(0.05 * (4 - i)) or i * 10, range(5), "t", progress=False) == [0, 10, 20, 30, 40]
-    started = []
-
-    def load(i):
-        started.append(i)
-        if i == 1:
-            raise dg.DataError("track 1: not a readable audio file")
-        time.sleep(0.1)
-        return i
-    with pytest.raises(dg.DataError, match="track 1"):
-        dg.load_all(load, range(40), "t", progress=False)
-    assert 2 <= len(started) < 10  # read two at a time, and not started after the error
-
 
 # -----------------------------------------------------------------------------
 # training examples
@@ -248,7 +142,7 @@ def test_random_remix_mixes_different_songs_and_keeps_half_as_mixed():
     longer than a patch at any speed. Of 64 examples about 0.5 + 0.5 / 4 pair a song with itself."""
     levels = np.array([0.1 * (i + 1) for i in range(4)])
     n = 15 * dg.SAMPLE_RATE
-    tracks = [dg.Track(f"song{i}", np.full((2, n), level, np.float32), np.full((2, n), -level, np.float32))
+    tracks = [audio.Track(f"song{i}", np.full((2, n), level, np.float32), np.full((2, n), -level, np.float32))
               for i, level in enumerate(levels)]
     vocals, accompaniment = dg.training_batch([tracks], 64, np.random.default_rng(0))
     assert vocals.shape == accompaniment.shape == (64, dg.PATCH_SAMPLES) and vocals.dtype == np.float32
@@ -270,7 +164,7 @@ def test_songs_as_mixed_keep_one_start_one_channel_one_speed():
     at one speed, so both start and end together."""
     n, slope = 15 * dg.SAMPLE_RATE, 0.5 / (15 * dg.SAMPLE_RATE)
     ramp = (0.2 + slope * np.arange(n)).astype(np.float32)
-    tracks = [dg.Track(f"ramp{i}", np.stack([ramp, -ramp]), np.stack([ramp, -ramp])) for i in range(3)]
+    tracks = [audio.Track(f"ramp{i}", np.stack([ramp, -ramp]), np.stack([ramp, -ramp])) for i in range(3)]
     vocals, accompaniment = dg.training_batch([tracks], 40, np.random.default_rng(4))
     equal = [np.array_equal(v, a) for v, a in zip(vocals, accompaniment)]
     assert 12 <= sum(equal) <= 28, sum(equal)  # 20 expected
@@ -290,7 +184,7 @@ def test_long_tracks_give_one_excerpt_per_source_at_a_random_speed_from_a_random
     piece whose slope is the speed factor and whose sign is the channel."""
     n, slope = 15 * dg.SAMPLE_RATE, 0.5 / (15 * dg.SAMPLE_RATE)
     ramp = (0.2 + slope * np.arange(n)).astype(np.float32)
-    tracks = [dg.Track(f"ramp{i}", np.stack([ramp, -ramp]), np.stack([ramp, -ramp])) for i in range(2)]
+    tracks = [audio.Track(f"ramp{i}", np.stack([ramp, -ramp]), np.stack([ramp, -ramp])) for i in range(2)]
     vocals, accompaniment = dg.training_batch([tracks], 12, np.random.default_rng(1))
     inner = np.arange(1000, dg.PATCH_SAMPLES - 1000)
     factors, signs = [], []
@@ -337,7 +231,7 @@ def constant_clips(seconds):
     tracks = []
     for i, (s, level) in enumerate(zip(seconds, levels)):
         clip = (level + 0.03 * np.linspace(0, 1, int(s * dg.SAMPLE_RATE), dtype=np.float32))[None].repeat(2, 0)
-        tracks.append(dg.Track(f"clip{i}", clip, -clip))
+        tracks.append(audio.Track(f"clip{i}", clip, -clip))
     return levels, tracks
 
 
@@ -402,7 +296,7 @@ def test_sanity_check_runs_without_ffmpeg_and_writes_its_png(tmp_path):
     set must not touch it."""
     env = {**os.environ, "PATH": os.path.dirname(sys.executable)}  # the venv's python, no ffmpeg
     assert shutil.which("ffmpeg", path=env["PATH"]) is None and shutil.which("ffprobe", path=env["PATH"]) is None
-    code = ("import sys, data_generator as dg, synthetic; dg.load_tracks(dg.DataSource('synthetic'), 'train', 1); "
+    code = ("import sys, datasets, synthetic; datasets.load_tracks(datasets.DataSource('synthetic'), 'train', 1); "
             "assert not {'musdb', 'stempeg', 'museval'} & set(sys.modules), sorted(sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -432,94 +326,12 @@ def test_sanity_check_errors_are_one_line_and_write_nothing(tmp_path, args, word
     assert list(tmp_path.iterdir()) == []
 
 
-# stems folders (train.py --stems) ----------------------------------------------------------------
-
-@pytest.mark.parametrize("layout", ["accompaniment", "mixture", "parts", "mir1k"])
-def test_every_stems_layout_reads_the_same_stems(layout, tmp_path):
-    """vocals + accompaniment, vocals + mixture (accompaniment = mixture - vocals), vocals + drums, bass, other
-    (summed), and MIR-1K's stereo files (accompaniment left, voice right) give back the stems that were written."""
-    written = make_stems_folder(tmp_path, ["b_song_1", "a_song_2"], layout)
-    entries = dg.stems_entries(tmp_path)
-    assert [e.name for e in entries] == ["a_song_2", "b_song_1"] and {e.layout for e in entries} == {layout}
-    stems, rate = dg.read_stems(entries[0])
-    expected = written["a_song_2"]
-    channels = 1 if layout == "mir1k" else 2
-    assert rate == 16000 and stems["vocals"].shape == stems["accompaniment"].shape == (channels, 48000)
-    assert np.abs(stems["vocals"] - expected.vocals[:channels]).max() < 1e-4  # 16-bit flac/wav rounding
-    assert np.abs(stems["accompaniment"] - expected.accompaniment[:channels]).max() < 1e-3
-
-
-def test_stems_tracks_are_cached_at_8192_hz_and_a_mono_stem_meets_a_stereo_one(tmp_path):
-    folder = tmp_path / "stems" / "song_1"
-    folder.mkdir(parents=True)
-    t = np.arange(44100 * 2) / 44100
-    sf.write(str(folder / "vocals.wav"), 0.3 * np.sin(2 * np.pi * 440 * t), 44100)  # mono
-    sf.write(str(folder / "accompaniment.ogg"), np.stack([0.1 * np.sin(2 * np.pi * 110 * t)] * 2).T, 44100)
-    tracks = dg.load_stems_tracks(tmp_path / "stems", "all", tmp_path / "cache", progress=False)
-    assert len(tracks) == 1 and tracks[0].vocals.shape == tracks[0].accompaniment.shape == (2, 2 * dg.SAMPLE_RATE)
-    assert np.array_equal(tracks[0].vocals[0], tracks[0].vocals[1])  # the mono voice on both channels
-    assert list((tmp_path / "cache").rglob("vocals.npy")) and not list((tmp_path / "stems").rglob("*.npy"))
-    again = dg.load_stems_tracks(tmp_path / "stems", "all", tmp_path / "cache", progress=False)
-    assert isinstance(again[0].vocals, np.memmap)
-
-
-@pytest.mark.parametrize("make,message", [
-    (lambda root: None, "no such folder"),
-    (lambda root: (root / "empty").mkdir(parents=True), "no tracks found"),
-    (lambda root: (root / "song").mkdir(parents=True) or sf.write(str(root / "song" / "vocals.wav"), np.zeros(800), 8000),
-     "has vocals but no accompaniment"),
-])
-def test_stems_folder_problems_are_one_line(make, message, tmp_path):
-    make(tmp_path / "in")
-    root = tmp_path / "in" / "empty" if message == "no tracks found" else tmp_path / "in"
-    with pytest.raises(dg.DataError, match=message):
-        dg.stems_entries(root)
-
-
-def test_stems_of_very_different_lengths_are_refused(tmp_path):
-    (tmp_path / "song").mkdir()
-    sf.write(str(tmp_path / "song" / "vocals.wav"), np.zeros(8000 * 5), 8000)
-    sf.write(str(tmp_path / "song" / "accompaniment.wav"), np.zeros(8000 * 3), 8000)
-    with pytest.raises(dg.DataError, match="differ in length by more than 1 s"):
-        dg.read_stems(dg.stems_entries(tmp_path)[0])
-
-
-def test_held_apart_tracks_are_whole_groups_from_the_end_of_the_names():
-    """MIR-1K's clips are <singer>_<song>_<n>: the last singers by name, at least a tenth of the clips.
-    Names without groups: the last tenth. One group: the last tenth of its tracks. One track: none."""
-    names = [f"{singer}_{song}_{n:02d}" for singer in ("Ani", "amy", "bob", "titon", "yifen") for song in (1, 2)
-             for n in range(1, 5)]  # 40 clips, 8 per singer
-    assert dg.held_apart(names) == {n for n in names if n.startswith(("yifen",))}  # 8 >= 4
-    few = [n for n in names if not n.startswith("yifen")][:20] + names[-2:]  # Ani 8, amy 8, bob 4, yifen 2
-    assert dg.held_apart(few) == set(names[-2:]) | {n for n in few if n.startswith("bob")}  # 2 < 3 needed: and bob
-    assert dg.held_apart([f"Artist {i} - Song" for i in range(10, 30)]) == {"Artist 28 - Song", "Artist 29 - Song"}
-    assert dg.held_apart([f"take_{i:02d}" for i in range(20)]) == {"take_18", "take_19"}
-    assert dg.held_apart(["only"]) == set()
-
-
-def test_stems_splits_partition_the_folder(tmp_path):
-    make_stems_folder(tmp_path, [f"s{i}_x" for i in range(12)], seconds=0.5)
-    train, valid = (dg.stems_split(tmp_path, split) for split in ("train", "valid"))
-    assert [e.name for e in valid] == ["s8_x", "s9_x"]  # sorted as strings: s0, s1, s10, s11, s2, ..., s9
-    assert len(train) == 10 and not {e.name for e in train} & {e.name for e in valid}
-
-
-def test_levels_of_other_sources_are_matched_to_the_first():
-    """Gains make each source's median stem RMS the first source's; the first keeps 1 (its batches unchanged)."""
-    def tracks(vocals_level, accompaniment_level, n=5):
-        return [dg.Track(f"t{i}", np.full((1, 800), vocals_level * (1 + i / 10), np.float32),
-                         np.full((1, 800), accompaniment_level, np.float32)) for i in range(n)]
-    musdb, mir = dg.match_levels([tracks(0.05, 0.2), tracks(0.2, 0.2)])
-    assert all(t.gains == (1.0, 1.0) for t in musdb)
-    assert mir[0].gains == pytest.approx((0.25, 1.0))
-
-
 def test_source_weights_decide_where_each_stem_comes_from():
     """Weights 1 : 0 never draw the second source; equal weights draw both, vocals and accompaniment apart;
     weights per stem (the default beside MUSDB18) take the vocals from both and the accompaniment from the first."""
-    first = [dg.Track(f"a{i}", np.full((1, 2 * dg.PATCH_SAMPLES), 0.1, np.float32),
+    first = [audio.Track(f"a{i}", np.full((1, 2 * dg.PATCH_SAMPLES), 0.1, np.float32),
                       np.full((1, 2 * dg.PATCH_SAMPLES), 0.2, np.float32)) for i in range(3)]
-    second = [dg.Track(f"b{i}", np.full((1, 2 * dg.PATCH_SAMPLES), 0.5, np.float32),
+    second = [audio.Track(f"b{i}", np.full((1, 2 * dg.PATCH_SAMPLES), 0.5, np.float32),
                        np.full((1, 2 * dg.PATCH_SAMPLES), 0.7, np.float32)) for i in range(3)]
     vocals, accompaniment = dg.training_batch([first, second], 64, np.random.default_rng(0), weights=[1, 0])
     assert np.allclose(np.median(vocals, axis=1), 0.1, atol=0.01) and np.allclose(np.median(accompaniment, axis=1), 0.2, atol=0.01)
@@ -527,22 +339,14 @@ def test_source_weights_decide_where_each_stem_comes_from():
     from_second = np.median(vocals, axis=1) > 0.3, np.median(accompaniment, axis=1) > 0.45
     assert 16 < from_second[0].sum() < 48 and 16 < from_second[1].sum() < 48
     assert (from_second[0] != from_second[1]).any()  # MIR-1K vocals over MUSDB18 accompaniment happen
-    weights = dg.default_weights(dg.DataSource("musdb", stems=("mir",)), 2)
+    weights = dg.default_weights(datasets.DataSource("musdb", stems=("mir",)), 2)
     assert weights.tolist() == [[1, 1], [1, 0]] and "for the accompaniment 1 : 0" in dg.describe_weights(weights)
     vocals, accompaniment = dg.training_batch([first, second], 64, np.random.default_rng(0), weights)
     assert 16 < (np.median(vocals, axis=1) > 0.3).sum() < 48
     assert np.allclose(np.median(accompaniment, axis=1), 0.2, atol=0.01)
-    assert dg.default_weights(dg.DataSource("stems", stems=("a", "b")), 2).tolist() == [[1, 1], [1, 1]]
+    assert dg.default_weights(datasets.DataSource("stems", stems=("a", "b")), 2).tolist() == [[1, 1], [1, 1]]
     same = dg.training_batch([first], 4, np.random.default_rng(3))
     assert all(np.array_equal(a, b) for a, b in zip(same, dg.training_batch([first], 4, np.random.default_rng(3), [7.0])))
-
-
-@pytest.mark.skipif(not MIR1K.is_dir(), reason="../shared/data/MIR-1K not present")
-def test_mir1k_as_shared_holds_15_singers_and_two_are_held_apart():
-    entries = dg.stems_entries(MIR1K)
-    assert len(entries) == 823 and {e.layout for e in entries} == {"accompaniment"}
-    apart = dg.held_apart([e.name for e in entries])
-    assert {n.split("_")[0] for n in apart} == {"titon", "yifen"} and len(apart) == 110
 
 
 def test_sanity_check_with_a_stems_folder_shows_both_sources(tmp_path):

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import data_generator as dg
-import evaluate
-import inference
+import datasets
+import scores
+import separator
 from conftest import MIR1K, MUSDB7, needs_ffmpeg, needs_shared
 from unet_model import UNet, UNetConfig, train_step
 
@@ -27,16 +28,16 @@ TRAINED_TOLERANCE = 0.35  # dB: float32 training on another CPU (AVX2 or AVX-512
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")  # never beside the shared data
-    musdb = dg.find_data_source(MUSDB7)
-    train = dg.load_tracks(musdb, "train", 6, cache, progress=False)
-    valid = dg.load_tracks(musdb, "valid", None, cache, progress=False)[0]
-    mir = dg.load_stems_tracks(MIR1K, "train", cache, progress=False)[:20]
-    return dg.match_levels([train, mir]), dg.default_weights(musdb, 2), valid
+    musdb = datasets.find_data_source(MUSDB7)
+    train = datasets.load_tracks(musdb, "train", 6, cache, progress=False)
+    valid = datasets.load_tracks(musdb, "valid", None, cache, progress=False)[0]
+    mir = datasets.load_stems_tracks(MIR1K, "train", cache, progress=False)[:20]
+    return datasets.match_levels([train, mir]), dg.default_weights(musdb, 2), valid
 
 
 def vocals_sdr(track, mask_fn):
-    vocals = inference.separate(np.array(track.mixture), dg.SAMPLE_RATE, mask_fn, shifts=1)[0]  # one oracle: one pass
-    return evaluate.target_sdr(track.vocals, vocals, dg.SAMPLE_RATE)
+    vocals = separator.separate(np.array(track.mixture), dg.SAMPLE_RATE, mask_fn, shifts=1)[0]  # one oracle: one pass
+    return scores.target_sdr(track.vocals, vocals, dg.SAMPLE_RATE)
 
 
 def short_training_run(sources, weights, seed=0):
@@ -61,9 +62,9 @@ def test_a_short_run_on_real_audio_scores_what_it_scored(data):
     assert valid.name == "ANiMAL - Rockshow" and [len(s) for s in sources] == [6, 20]
     assert weights.tolist() == [[1, 1], [1, 0]]
     scores = {"mixture": vocals_sdr(valid, lambda patches, first: torch.ones_like(patches)),
-              "oracle": vocals_sdr(valid, inference.oracle_mask_fn(np.asarray(valid.vocals), np.array(valid.mixture)))}
+              "oracle": vocals_sdr(valid, separator.oracle_mask_fn(np.asarray(valid.vocals), np.array(valid.mixture)))}
     model, loss = short_training_run(sources, weights)
-    scores["trained"] = vocals_sdr(valid, inference.model_mask_fn(model, torch.device("cpu")))
+    scores["trained"] = vocals_sdr(valid, separator.model_mask_fn(model, torch.device("cpu")))
     print({k: round(v, 4) for k, v in scores.items()}, round(loss, 4))
     assert scores["mixture"] == pytest.approx(EXPECTED["mixture"], abs=0.01)
     assert scores["oracle"] == pytest.approx(EXPECTED["oracle"], abs=0.01)

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-import data_generator as dg
+import datasets
 from conftest import MUSDB7, REPO, SHARED, needs_ffmpeg, needs_shared
 
 NOTEBOOK = REPO / "tour.ipynb"
@@ -95,8 +95,8 @@ def test_tour_on_the_musdb18_previews(tmp_path):
 
 
 def test_tour_on_the_synthetic_set(tiny_checkpoint):
-    found = [root for root in (REPO / "MUSDB18" / "musdb18", REPO / "MUSDB18" / "musdb18hq", dg.PREVIEW_DIR)
-             if dg.musdb_layout(root) is not None]
+    found = [root for root in (REPO / "MUSDB18" / "musdb18", REPO / "MUSDB18" / "musdb18hq", datasets.PREVIEW_DIR)
+             if datasets.musdb_layout(root) is not None]
     if found:
         pytest.skip(f"{found[0]} holds MUSDB18, which the tour prefers to the synthetic set")
     text, nb = execute(CHECKPOINT=str(tiny_checkpoint))  # MUSDB_ROOT stays None
