@@ -1,5 +1,5 @@
 """Audio in memory and in files: the rate the network hears, a song as two stems (Track), audio files read with
-one-line errors, and resampling. Nothing here knows about spectrograms or datasets."""
+one-line errors, resampling."""
 import contextlib
 import os
 import sys
@@ -51,12 +51,10 @@ def load_audio(path):
 def check_audio_file(path):
     """Fail early, in one line, on a path that cannot hold audio. Returns soundfile's info."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder, not an audio file")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty")
+    for problem, found in (("no such file", not path.exists()), ("is a folder, not an audio file", path.is_dir()),
+                           ("file is empty", path.is_file() and path.stat().st_size == 0)):
+        if found:
+            raise DataError(f"{path}: {problem}")
     with decoding(path):
         info = sf.info(str(path))
     if info.frames == 0:
@@ -87,7 +85,6 @@ def wav_truncation(path):
 
 
 def open_audio(path):
-    """soundfile.SoundFile for reading, with decoder chatter kept off the terminal."""
     with decoding(path):
         return sf.SoundFile(str(path))
 
@@ -122,9 +119,8 @@ def short_reason(error):
 
 
 class QuietStderr:
-    """fd 2 pointed at /dev/null while any thread decodes (C decoders write there directly: mpg123's resync notes
-    on a damaged mp3), and back once the last one is done: datasets.load_all decodes in several threads at once,
-    and each saving and restoring fd 2 on its own could leave it at /dev/null for good."""
+    """fd 2 pointed at /dev/null while any thread decodes (C decoders write there: mpg123's notes on a damaged mp3),
+    back once the last is done: threads that each saved and restored it could leave it at /dev/null for good."""
     lock, users, saved = threading.Lock(), 0, None
 
     def __enter__(self):

@@ -52,8 +52,8 @@ print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"""
 
 def machine():
     lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    name = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), "unknown CPU")
-    flags = set(next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), []))
+    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "unknown CPU")
+    flags = set(next((x.split(":", 1)[1].split() for x in lines if x.startswith("flags")), []))
     features = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FEATURES)
     gpu = f"\ngpu: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     # kernels capped below what the CPU has (e.g. ONEDNN_MAX_CPU_ISA=AVX2 to stand in for an AVX2 machine) must show
@@ -142,10 +142,12 @@ def bench_training(args, workdir, checkpoint):
         return lambda: train_step(model, optimizer, scaler, *next_batch(), dtype)
 
     def batch():  # as train.py's TrainingBatches
-        return dg.patch_spectrograms(*(torch.from_numpy(w).to(device) for w in dg.training_batch([tracks], batch_size, rng)))
+        waves = dg.training_batch([tracks], batch_size, rng)
+        return dg.patch_spectrograms(*(torch.from_numpy(w).to(device) for w in waves))
 
     fixed, used = batch(), str(autocast or "float32").replace("torch.", "")
-    steps = {f"step alone, float32, batch {batch_size}, n_channels={config.n_channels}, {device.type}": step(None, lambda: fixed),
+    alone = f"step alone, float32, batch {batch_size}, n_channels={config.n_channels}, {device.type}"
+    steps = {alone: step(None, lambda: fixed),
              f"step alone, autocast {used}": step(autocast, lambda: fixed) if autocast else None,
              f"step and batches as train.py builds them ({used})": step(autocast, batch)}
     rates = patches_per_second({name: s for name, s in steps.items() if s}, batch_size, args.repeats)
@@ -206,7 +208,7 @@ def main():
                         help="run one part")
     separator.add_model_args(parser)
     parser.add_argument("--seconds", type=float, default=180, help="length of the inference test song")
-    parser.add_argument("--repeats", type=int, default=5, help="runs (inference) or rounds of steps (training) per median")
+    parser.add_argument("--repeats", type=int, default=5, help="runs (inference) or rounds (training) per median")
     args = parser.parse_args()
     if args.repeats < 1 or not args.seconds > 0:
         fail(f"--repeats must be at least 1 and --seconds positive, got {args.repeats} and {args.seconds:g}")

@@ -77,7 +77,8 @@ def to_patches(spec, hop):
 def loop_to(audio, length):
     """(..., n) -> (..., length): audio again and again from its start. A patch reaching past a recording's end is
     filled so, because the network trained on patches full of music (filled_remix): zeros there would be an
-    input it never saw, and the masks of short clips such as the 7 s previews would suffer (RESULTS.md)."""
+    input it never saw, and the masks of short clips such as the 7 s previews would suffer
+    (experiments/2026-11-27-validation-swing-loop-fill.md)."""
     if audio.shape[-1] == 0:
         return audio.new_zeros(*audio.shape[:-1], length)
     return audio.repeat(*([1] * (audio.dim() - 1)), -(-length // audio.shape[-1]))[..., :length]
@@ -168,7 +169,7 @@ def change_speed(audio, factor, length=PATCH_SAMPLES):
 
 AS_MIXED_SHARE = 0.5  # of the remixes whose vocals come from a track that has its own accompaniment, the share
 # that keeps it, in time: the song as mixed, at a random speed. The model separates songs as mixed, where voice and
-# band share key, tempo and onsets, which remixes of two songs never do (RESULTS.md, section 0).
+# band share key, tempo and onsets, which remixes of two songs never do (experiments/2026-11-29-as-mixed-share.md).
 
 
 def draw_sources(sources, weights, rng):
@@ -242,8 +243,8 @@ def random_remix(sources, weights, rng):
 def default_weights(source, n_sources):
     """(n_sources, 2) how often each training source lends a remix's (vocals, accompaniment), before normalising.
     With MUSDB18 (or the synthetic set) first, the stems folders lend their vocals only: the model is for MUSDB18's
-    kind of music, and more singers over its bands helped there, where karaoke bands drawn alike cost (RESULTS.md,
-    section 0). A run on stems folders alone draws both stems from every folder alike."""
+    kind of music, and more singers over its bands helped there, where karaoke bands drawn alike cost
+    (experiments/2026-11-28-mir1k-vocals-only.md). A run on stems folders alone draws both stems from every folder."""
     weights = np.ones((n_sources, len(STEMS)))
     if source.kind != "stems":
         weights[1:, STEMS.index("accompaniment")] = 0
@@ -342,7 +343,8 @@ def main(argv=None):
     valid = datasets.load_tracks(source, "valid", None, args.cache_dir, seed=args.seed)
     for train in sources:
         lengths = [t.vocals.shape[1] for t in train]
-        print(f"training source: {len(train)} tracks of {min(lengths) / SAMPLE_RATE:.1f}-{max(lengths) / SAMPLE_RATE:.1f} s "
+        shortest, longest = min(lengths) / SAMPLE_RATE, max(lengths) / SAMPLE_RATE
+        print(f"training source: {len(train)} tracks of {shortest:.1f}-{longest:.1f} s "
               f"({n_frames(min(lengths))}-{n_frames(max(lengths))} frames), stems scaled by {train[0].gains}")
     print(f"validation: {len(valid)} tracks")
     print(f"STFT: {SAMPLE_RATE} Hz, Hann {N_FFT}, hop {HOP_LENGTH}, {N_BINS} bins; "

@@ -34,7 +34,8 @@ def add_data_args(parser, training=False):
     parser.add_argument("--synthetic", action="store_true", help="use the built-in synthetic set")
     parser.add_argument("--stems", action="append", default=[], metavar="DIR", help="a folder of track folders "
                         "(vocals.* + accompaniment.*, mixture.* or drums/bass/other.*) or MIR-1K; repeatable. Training "
-                        "uses it less a held-apart tenth, which validates a run without --musdb-root and evaluate.py scores")
+                        "uses it less a held-apart tenth, which validates a run without --musdb-root and evaluate.py "
+                        "scores")
     if training:
         parser.add_argument("--n-songs", type=int, default=10, help="MUSDB18 training tracks to use")
         parser.add_argument("--download", action="store_true", help="download the 7 s previews without asking")
@@ -154,7 +155,7 @@ def cached_track(name, paths, decode, cache_dir):
         audio, rate = decode()
         folder.mkdir(parents=True, exist_ok=True)
         for stem, f in files.items():  # a killed run never leaves a half-written cache entry
-            atomic_write(f, lambda tmp: np.save(tmp, resample(audio[stem], rate, SAMPLE_RATE)), suffix=".npy")
+            atomic_write(f, lambda tmp, x=audio[stem]: np.save(tmp, resample(x, rate, SAMPLE_RATE)), suffix=".npy")
     arrays = {stem: np.load(f, mmap_mode="r") for stem, f in files.items()}
     return Track(name, arrays["vocals"], arrays["accompaniment"], source=str(paths[0]))
 
@@ -283,7 +284,7 @@ def read_stems(entry):
             raise DataError(f"{entry.files['mir1k']}: MIR-1K's files are stereo (accompaniment left, voice right)")
         return {"vocals": audio[1:], "accompaniment": audio[:1]}, rate
     vocals, rate = load_audio(entry.files["vocals"])
-    parts = {"accompaniment": ["accompaniment"], "parts": list(ACCOMPANIMENT_PARTS), "mixture": ["mixture"]}[entry.layout]
+    parts = dict(accompaniment=["accompaniment"], parts=list(ACCOMPANIMENT_PARTS), mixture=["mixture"])[entry.layout]
     others = [load_audio(entry.files[part]) for part in parts]
     stems = [vocals] + [resample(audio, other_rate, rate) for audio, other_rate in others]
     length = min(x.shape[1] for x in stems)
@@ -307,5 +308,6 @@ def stems_split(folder, split, flag="--stems"):
 def load_stems_tracks(folder, split, cache_dir=DEFAULT_CACHE_DIR, progress=True):
     """Tracks at SAMPLE_RATE of a split of a stems folder, decoded once, then memory-mapped from cache_dir."""
     def load(entry):
-        return cached_track(entry.name, list(entry.files.values()), lambda: read_stems(entry), Path(cache_dir) / "stems")
+        files = list(entry.files.values())
+        return cached_track(entry.name, files, lambda: read_stems(entry), Path(cache_dir) / "stems")
     return load_all(load, stems_split(folder, split), f"loading {split} tracks of {Path(folder).name}", progress)

@@ -73,7 +73,8 @@ def estimate(method, mixture, references, rate, mask_fn, options):
     options = {k: v for k, v in options.items() if k != "latency"}
     if method == "irm":  # one oracle per shifted copy: each sees the recording delayed by its own amount
         low = [audio.resample(x, rate, dg.SAMPLE_RATE) for x in (references["vocals"], mixture)]
-        mask_fn = [separator.oracle_mask_fn(*(separator.delayed(x, delay) for x in low), options.get("hop", separator.PATCH_HOP))
+        hop = options.get("hop", separator.PATCH_HOP)
+        mask_fn = [separator.oracle_mask_fn(*(separator.delayed(x, delay) for x in low), hop)
                    for delay in separator.shift_delays(options["shifts"])]
         options = dict(options, target="vocals")
     return dict(zip(audio.STEMS, separator.separate(mixture, rate, mask_fn, **options)))
@@ -142,7 +143,7 @@ def main():
     separator.check_separator_args(args)
     tracks = eval_tracks(args)
     museval_metrics()  # before anything is separated
-    mask_fn, options = None, dict(shifts=args.shifts, wiener=args.wiener, latency=args.latency)
+    mask_fn, options = None, dict(shifts=args.shifts, latency=args.latency)
     if "model" in methods:
         mask_fn, checkpoint, line = separator.load_mask_fn(args.checkpoint, args.cpu)
         options["target"] = checkpoint.get("target", "vocals")

@@ -34,7 +34,7 @@ def separate_file(path, outputs, mask_fn, fmt="wav", plot=None, **options):
     """Stream one audio file through the separator into its two stem files, outputs {'vocals': path,
     'accompaniment': path}: each is written to a temporary file beside it and renamed only once complete, so a
     failure never leaves a half-written stem or destroys an earlier one. plot: a PNG path for a picture of the
-    first minutes. options: shifts, target, wiener. Returns the input's (rate, channels, frames)."""
+    first minutes. options: shifts, target. Returns the input's (rate, channels, frames)."""
     info = audio.check_audio_file(path)
     temporary = {stem: partial_path(p) for stem, p in outputs.items()}
     try:
@@ -129,8 +129,8 @@ def check_outputs(outputs, inputs):
 
 
 def main():
-    parser = Parser("Separate vocals and accompaniment with a trained U-Net. Writes <track>_vocals.wav and "
-                    "<track>_accompaniment.wav beside each input (or in --output-dir) at its rate, channels and length.")
+    parser = Parser("Separate vocals and accompaniment with a trained U-Net. Writes <track>_vocals.wav and <track>_"
+                    "accompaniment.wav beside each input (or in --output-dir) at its rate, channels and length.")
     parser.add_argument("--audio", nargs="+", default=None, metavar="PATH", help="audio files (wav, flac, ogg, "
                         "mp3, aiff) or folders of them; without it, the first test track of train.py's dataset")
     separator.add_model_args(parser)
@@ -152,7 +152,7 @@ def main():
     if args.n_channels not in (None, checkpoint["model_config"]["n_channels"]):
         warn(f"--n-channels {args.n_channels} ignored; the checkpoint knows its width")
     print(line)
-    options = dict(target=checkpoint.get("target", "vocals"), shifts=args.shifts, wiener=args.wiener)
+    options = dict(target=checkpoint.get("target", "vocals"), shifts=args.shifts)
     if args.audio is None:
         return separate_dataset_track(args, mask_fn, options)
     return separate_files(expand_inputs(args.audio), args, mask_fn, options)
@@ -204,7 +204,7 @@ def separate_dataset_track(args, mask_fn, options):
     for stem, samples in estimates.items():
         path = Path(args.output_dir or "outputs") / safe_name(f"{name}_{stem}.wav")
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: sf.write(str(tmp), samples.T, rate, subtype="FLOAT", format="WAV"))
+        atomic_write(path, lambda tmp, x=samples: sf.write(str(tmp), x.T, rate, subtype="FLOAT", format="WAV"))
         print(f"  wrote {path}")
     for stem in audio.STEMS:
         print(f"  {stem}: SDR {global_sdr(stems[stem], estimates[stem]):.2f} dB over the whole track "

@@ -3,7 +3,7 @@ Live separation: raw PCM in on stdin, the vocals (or, for karaoke, the accompani
 sample exactly --latency seconds after its input sample arrived.
 
     ffmpeg -loglevel error -re -i song.mp3 -f s16le -ac 2 -ar 44100 - \\
-      | python live.py --stem accompaniment | ffplay -loglevel error -nodisp -f s16le -ac 2 -ar 44100 -
+      | python live.py --stem accompaniment | ffplay -loglevel error -nodisp -f s16le -ar 44100 -ch_layout stereo -
 
 Three threads: one reads the input and notes when each block arrived; one runs the separator (separator.py, with
 the look-ahead the latency leaves: live_options) on the newest input as it comes; this one writes each output
@@ -52,7 +52,7 @@ class Outbox:
     yet; those samples are dropped when they do arrive, so that every later one keeps its time."""
 
     def __init__(self, channels):
-        self.lock, self.parts, self.available, self.late, self.channels = threading.Lock(), collections.deque(), 0, 0, channels
+        self.lock, self.parts, self.channels, self.late = threading.Lock(), collections.deque(), channels, 0
 
     def put(self, samples):
         with self.lock:
@@ -60,7 +60,6 @@ class Outbox:
             self.late -= drop
             if samples.shape[1] > drop:
                 self.parts.append(samples[:, drop:])
-                self.available += samples.shape[1] - drop
 
     def take(self, n):
         """(channels, n) float32: the next n samples, the missing ones as silence -> (samples, how many missing)."""
@@ -73,7 +72,6 @@ class Outbox:
                 if used < part.shape[1]:
                     self.parts.appendleft(part[:, used:])
                 filled += used
-            self.available -= filled
             self.late += n - filled
             return out, n - filled
 

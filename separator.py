@@ -29,7 +29,6 @@ PATCH_HOP = 96  # frames between patches: a quarter overlap for the cross-fade (
 PATCHES_PER_CALL = 8  # patches (about 70 s) gathered per channel before the network runs: a stereo file makes one
 # batch of 16, as fast per patch as larger ones on CPU; more would hold more of a long file in memory at once
 FULL_BAND_BLOCK = 256  # full-rate STFT frames (about 16 s) separated together: few big tensor operations, flat memory
-WIENER_FRAMES = 64  # full-rate frames (about 4 s) that share the Wiener filter's statistics
 MASK_EXTENSION_BINS = 128  # above 4096 Hz the mask is the mean of its top 128 bins (3-4 kHz)
 LIVE_HOP = 4  # frames between the patches of a live separator: a new mask every 0.375 s, within the CPU of a laptop
 LIVE_SHIFTS = 1  # a live separator runs the network once: the CPU goes to a finer patch grid instead
@@ -257,11 +256,8 @@ class StreamingSeparator:
     hop, lookahead: the copies' patch grid and look-ahead (MaskStream); with a look-ahead, frames are separated
     as soon as they are ready rather than FULL_BAND_BLOCK at a time."""
 
-    def __init__(self, rate, channels, mask_fns, delays=(0,), target="vocals", wiener=False, hop=PATCH_HOP,
-                 lookahead=None):
-        if wiener and lookahead is not None:
-            raise DataError("the Wiener filter needs seconds of look-ahead: it cannot run live")
-        self.rate, self.target, self.wiener, self.live, self.done = rate, target, wiener, lookahead is not None, False
+    def __init__(self, rate, channels, mask_fns, delays=(0,), target="vocals", hop=PATCH_HOP, lookahead=None):
+        self.rate, self.target, self.live, self.done = rate, target, lookahead is not None, False
         self.resampler = None if rate == dg.SAMPLE_RATE else soxr.ResampleStream(  # one for every copy
             rate, dg.SAMPLE_RATE, channels, dtype="float32", quality="HQ")
         self.copies = [MaskStream(channels, fn, delay, hop, lookahead) for fn, delay in zip(mask_fns, delays)]
@@ -285,7 +281,7 @@ class StreamingSeparator:
     def _feed_copies(self, block, last):
         """Resample a block (channels, samples) of the input to 8192 Hz once, for every copy."""
         if self.resampler is not None:
-            block = self.resampler.resample_chunk(np.ascontiguousarray(block.T), last=last).T  # soxr: (samples, channels)
+            block = self.resampler.resample_chunk(np.ascontiguousarray(block.T), last=last).T  # soxr: samples first
         low = torch.from_numpy(np.ascontiguousarray(block))
         for copy in self.copies:
             copy.feed(low, last)
@@ -317,12 +313,7 @@ class StreamingSeparator:
         start, end = first * self.hop - self.n_fft // 2, (last - 1) * self.hop + self.n_fft // 2
         frames = self.mixture.read(start, end).unfold(-1, self.n_fft, self.hop)  # (channels, frames, n_fft)
         spec = torch.fft.rfft(frames * self.window, dim=-1)  # frames-major: each FFT reads contiguous memory
-        mask = self._full_band_mask(first, last)
-        if self.wiener:  # the Wiener statistics are per WIENER_FRAMES frames, on the file's grid
-            estimate = torch.cat([wiener_filter(mask[:, i:i + WIENER_FRAMES], spec[:, i:i + WIENER_FRAMES])
-                                  for i in range(0, last - first, WIENER_FRAMES)], dim=1)
-        else:
-            estimate = mask * spec
+        estimate = self._full_band_mask(first, last) * spec
         if self.target == "accompaniment":  # the mask extracted the accompaniment
             estimate = spec - estimate
         frames = torch.fft.irfft(estimate, n=self.n_fft, dim=-1) * self.window  # (channels, frames, n_fft)
@@ -409,23 +400,6 @@ def frequency_interpolation(rate, n_fft):
     return low, high, (position - low).float(), int((~inside).sum())
 
 
-def wiener_filter(mask, spec, eps=1e-10):
-    """The masked source refined by one pass of the multichannel Wiener filter (as in open-unmix / norbert)
-    over one block. The mask and its complement give each source a power spectral density v_j(f, t) and a
-    spatial covariance R_j(f) from this block; the source is v_j R_j (sum_k v_k R_k)^-1 x, which uses where
-    the voice sits between stereo speakers. mask: (channels, frames, bins) real; spec: the same, complex."""
-    x = spec.permute(2, 1, 0).to(torch.complex128)  # (bins, frames, channels)
-    psd, cov = [], []
-    for y in (mask.permute(2, 1, 0) * x, (1 - mask.permute(2, 1, 0)) * x):
-        v = y.abs().square().mean(dim=-1)  # (bins, frames)
-        psd.append(v)
-        cov.append(torch.einsum("ftc,ftd->fcd", y, y.conj()) / (v.sum(dim=1)[:, None, None] + eps))
-    mix_cov = sum(v[..., None, None] * r[:, None] for v, r in zip(psd, cov))
-    inverse = torch.linalg.inv(mix_cov + eps * torch.eye(spec.shape[0], dtype=torch.complex128))
-    gain = psd[0][..., None, None] * (cov[0][:, None] @ inverse)
-    return (gain @ x[..., None]).squeeze(-1).permute(2, 1, 0).to(spec.dtype)
-
-
 def shift_delays(shifts):
     """8192 Hz samples by which each of `shifts` copies is delayed: k / shifts of the network's
     hop (768 samples), k = 0 .. shifts - 1. (At 8192 Hz, so that the copies share one resampling.)"""
@@ -440,7 +414,7 @@ def delayed(audio, samples):
 def make_separator(rate, channels, mask_fn, shifts=DEFAULT_SHIFTS, **options):
     """The StreamingSeparator of one recording with `shifts` copies of the input (shift_delays). mask_fn: one
     for every copy, or a list with one per copy (an oracle mask depends on the delay; a model's does not).
-    options: target, wiener, and hop and lookahead of a live separator (live_options)."""
+    options: target, and hop and lookahead of a live separator (live_options)."""
     mask_fns = list(mask_fn) if isinstance(mask_fn, (list, tuple)) else [mask_fn] * shifts
     return StreamingSeparator(rate, channels, mask_fns, shift_delays(len(mask_fns)), **options)
 
@@ -533,8 +507,6 @@ def add_separator_args(parser):
     """The separator's options, shared by inference.py and evaluate.py (check_separator_args)."""
     parser.add_argument("--shifts", type=int, default=DEFAULT_SHIFTS, help="average the masks of this many "
                         "copies of the input whose frames fall 1/shifts of a hop apart (1: one pass, the fastest)")
-    parser.add_argument("--wiener", action="store_true", help="refine the masks with a multichannel "
-                        "Wiener filter (uses the stereo image)")
 
 
 def check_separator_args(args):

@@ -76,7 +76,7 @@ def parse_args(argv=None):
     parser.add_argument("--time-budget", type=float, default=None, metavar="MIN", help="size the epochs so that the "
                         "whole run, loading and validation included, takes about MIN minutes on this machine")
     parser.add_argument("--batch-size", type=int, default=16, help="patches per step (per process under torchrun)")
-    parser.add_argument("--lr", type=float, default=4e-3, help="peak learning rate of Adam (warm-up, cosine decay to 0)")
+    parser.add_argument("--lr", type=float, default=4e-3, help="peak learning rate of Adam (warm-up, cosine to 0)")
     add_device_arg(parser)
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--workers", type=int, default=None, help="processes building batches beside the step (same "
@@ -314,9 +314,9 @@ def read_checkpoints(args):
 def save_run(path, run, resumable):
     """Tensors and plain values: best_model.pth the averaged model and its record, last.pth also what --resume needs
     (the trained weights among it)."""
-    extra = dict(trained_model=run.network.state_dict(), optimizer=run.optimizer.state_dict(),
-                 scaler=run.scaler.state_dict(), torch_rng=torch.get_rng_state(),
-                 cuda_rng=torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None) if resumable else {}
+    cuda_rng = torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
+    extra = dict(trained_model=run.network.state_dict(), optimizer=run.optimizer.state_dict(), cuda_rng=cuda_rng,
+                 scaler=run.scaler.state_dict(), torch_rng=torch.get_rng_state()) if resumable else {}
     save_checkpoint(path, run.average.model, dg.SPEC_CONFIG, run.args.target, args=vars(run.args),
                     dataset=run.data.source.describe(), **asdict(run.state), **extra)
 
@@ -348,7 +348,8 @@ class Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         if init_weights is not None:
             self.network.load_state_dict(init_weights)
-        self.average, self.state, self.writer, self.model = RunningAverage(self.network), TrainState(), None, self.network
+        self.average, self.state, self.writer = RunningAverage(self.network), TrainState(), None
+        self.model = self.network
 
     def start(self, resumed):
         """Resume from last.pth (or not), wrap the network for DDP, open the logs; returns the model's line."""
@@ -384,7 +385,7 @@ class Run:
             for j in range(0, mixture.shape[0], self.args.batch_size):
                 x = mixture[j:j + self.args.batch_size].to(self.device)
                 y = target[j:j + self.args.batch_size].to(self.device)
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                with torch.autocast(self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
                     mask = self.average.model(x).float()
                 n = float(mask.numel())
                 sums += torch.stack([masked_l1_loss(mask, x, y) * n, mask.sum(), mask.square().sum(),

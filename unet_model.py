@@ -47,7 +47,7 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, in_channels, out_channels, dropout):
         super().__init__()
-        self.deconv = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=5, stride=2, padding=2, output_padding=1)
+        self.deconv = nn.ConvTranspose2d(in_channels, out_channels, 5, stride=2, padding=2, output_padding=1)
         self.norm = nn.BatchNorm2d(out_channels)
         self.act = nn.ReLU()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -72,7 +72,7 @@ def subpixel_transposed_conv(layer, x):
 
 class OutputLayer(nn.ConvTranspose2d):
     """The last layer: 5x5 stride-2 transposed convolution to the mask's raw scores, (B, C, F, T) -> (B, 1, 2F, 2T),
-    computed by subpixel_transposed_conv; ONNX needs a kernel's shape before it runs, so export keeps the layer as is."""
+    computed by subpixel_transposed_conv; ONNX needs a kernel's shape before it runs: export keeps the layer as is."""
 
     def __init__(self, in_channels):
         super().__init__(in_channels, 1, kernel_size=5, stride=2, padding=2, output_padding=1)
@@ -182,7 +182,8 @@ def load_model(path, device="cpu", expected_spec=None):
     try:
         model.load_state_dict(checkpoint["model"], assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit {checkpoint['model_config']} ({str(e).splitlines()[0][:120]})") from None
+        reason = str(e).splitlines()[0][:120]
+        raise CheckpointError(f"{path}: weights do not fit {checkpoint['model_config']} ({reason})") from None
     # float(): the loaded tensors became the weights (assign), so a checkpoint saved in half precision is made float32
     return model.float().to(device, memory_format=torch.channels_last).eval(), checkpoint
 

@@ -1,5 +1,5 @@
-"""Small helpers every script shares, at the bottom of the import graph: the two errors that end a run in one line,
-warnings, atomic writes, the command line's parser and the choice of device."""
+"""Helpers every script shares, at the bottom of the import graph: the errors that end a run in one line, warnings,
+atomic writes, the command line's parser and the choice of device."""
 import argparse
 import os
 import sys
@@ -26,6 +26,15 @@ def warn(message):
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def run_cli(main):
+    """A script's entry point: main()'s return value is the exit status; a DataError or CheckpointError raised
+    anywhere ends the program in one line."""
+    try:
+        sys.exit(main())
+    except (DataError, CheckpointError) as e:
+        fail(e)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with every default in --help and a wrong flag reported in one line, as every error here."""
 
@@ -41,38 +50,26 @@ def add_device_arg(parser):
 
 
 def choose_device(cpu=False):
-    """CUDA when there is a GPU and --cpu was not given, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
 
 
 def partial_path(path, suffix=""):
-    """Where a file is written before it is renamed into place: hidden, beside it, one per process
-    (torchrun ranks may fill one cache together)."""
+    """Where a file is written before it is renamed into place: hidden, beside it, one per process."""
     path = Path(path)
     return path.with_name(f".{path.name}.partial-{os.getpid()}{suffix}")
 
 
 def atomic_write(path, write, suffix=""):
-    """write(tmp) to a file beside path, then rename it into place: readers see the old file or
-    the new one whole, also when the run is killed. suffix: an ending the writer insists on."""
+    """write(tmp) to a file beside path, then rename it into place: readers see the old file or the new one whole,
+    also when the run is killed. suffix: an ending the writer insists on."""
     tmp = partial_path(path, suffix)
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def safe_name(name):
     """A file-name-safe form of a track name."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]
-
-
-def run_cli(main):
-    """A script's entry point: main()'s return value is the exit status; a DataError or CheckpointError raised
-    anywhere ends the program in one line."""
-    try:
-        sys.exit(main())
-    except (DataError, CheckpointError) as e:
-        fail(e)

@@ -99,7 +99,7 @@ def make_stems_folder(root, names, layout="accompaniment", seconds=3.0, rate=160
     tracks = {}
     for i, name in enumerate(names):
         track = synthetic.synthetic_track("train", i, rate=rate, seconds=seconds)
-        vocals, accompaniment = (track.vocals[:1], track.accompaniment[:1]) if mono else (track.vocals, track.accompaniment)
+        vocals, accompaniment = (x[:1] if mono else x for x in (track.vocals, track.accompaniment))
         tracks[name] = audio.Track(name, vocals, accompaniment)
         if layout == "mir1k":
             (root / "Wavfile").mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ def test_inference_benchmark_times_inference_and_the_floor(tiny_checkpoint):
                         "--repeats", "1", "--cpu")
     assert result.returncode == 0, result.stderr
     floor = re.search(r"\| inference \| floor: .*? \| ([\d.]+) s \|", result.stdout)
-    model = re.search(r"\| inference \| inference.py end to end .*? \| ([\d.]+) s \| ([\d.]+)x the floor", result.stdout)
+    model = re.search(r"\| inference \| inference.py end to end .*? \| ([\d.]+) s \| ([\d.]+)x the floor",
+                      result.stdout)
     assert floor and model, result.stdout
     assert abs(float(model[1]) / float(floor[1]) - float(model[2])) < 0.01 + 0.01 * float(model[2])
 

@@ -92,7 +92,8 @@ def test_musdb_loader_on_the_shared_previews(tmp_path, monkeypatch):
 def test_tracks_read_together_keep_their_order_and_the_first_error_stops_the_rest(monkeypatch):
     monkeypatch.setattr(datasets, "LOADERS", 2)
     # the later items finish first: the result must still follow the items, not the finishing order
-    assert datasets.load_all(lambda i: time.sleep(0.05 * (4 - i)) or i * 10, range(5), "t", progress=False) == [0, 10, 20, 30, 40]
+    slow_first = datasets.load_all(lambda i: time.sleep(0.05 * (4 - i)) or i * 10, range(5), "t", progress=False)
+    assert slow_first == [0, 10, 20, 30, 40]
     started = []
 
     def load(i):
@@ -141,7 +142,8 @@ def test_stems_tracks_are_cached_at_8192_hz_and_a_mono_stem_meets_a_stereo_one(t
 @pytest.mark.parametrize("make,message", [
     (lambda root: None, "no such folder"),
     (lambda root: (root / "empty").mkdir(parents=True), "no tracks found"),
-    (lambda root: (root / "song").mkdir(parents=True) or sf.write(str(root / "song" / "vocals.wav"), np.zeros(800), 8000),
+    (lambda root: (root / "song").mkdir(parents=True)
+     or sf.write(str(root / "song" / "vocals.wav"), np.zeros(800), 8000),
      "has vocals but no accompaniment"),
 ])
 def test_stems_folder_problems_are_one_line(make, message, tmp_path):
@@ -166,8 +168,10 @@ def test_held_apart_tracks_are_whole_groups_from_the_end_of_the_names():
              for n in range(1, 5)]  # 40 clips, 8 per singer
     assert datasets.held_apart(names) == {n for n in names if n.startswith(("yifen",))}  # 8 >= 4
     few = [n for n in names if not n.startswith("yifen")][:20] + names[-2:]  # Ani 8, amy 8, bob 4, yifen 2
-    assert datasets.held_apart(few) == set(names[-2:]) | {n for n in few if n.startswith("bob")}  # 2 < 3 needed: and bob
-    assert datasets.held_apart([f"Artist {i} - Song" for i in range(10, 30)]) == {"Artist 28 - Song", "Artist 29 - Song"}
+    # 2 < 3 needed: and bob
+    assert datasets.held_apart(few) == set(names[-2:]) | {n for n in few if n.startswith("bob")}
+    artists = [f"Artist {i} - Song" for i in range(10, 30)]
+    assert datasets.held_apart(artists) == {"Artist 28 - Song", "Artist 29 - Song"}
     assert datasets.held_apart([f"take_{i:02d}" for i in range(20)]) == {"take_18", "take_19"}
     assert datasets.held_apart(["only"]) == set()
 

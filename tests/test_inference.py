@@ -129,7 +129,8 @@ def test_unwritable_output_folder(tmp_path, tiny_checkpoint):
     sf.write(str(song), tone(1, 44100), 44100)
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    result = run_script("inference.py", "--audio", song, "--checkpoint", tiny_checkpoint, "--output-dir", blocker / "sub")
+    result = run_script("inference.py", "--audio", song, "--checkpoint", tiny_checkpoint, "--output-dir",
+                        blocker / "sub")
     assert_one_line_error(result, "cannot create output folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "song.wav", "tiny.pth"]
 
@@ -178,7 +179,8 @@ def test_unusual_but_valid_wavs(subtype, rate, channels, seconds, tmp_path, tiny
     path = tmp_path / "in.wav"
     sf.write(str(path), tone(seconds, rate, channels), rate, subtype=subtype)
     outputs = inference.output_paths(path, tmp_path, "{track}_{stem}.{ext}", "flac" if channels == 4 else "wav")
-    rate_out, channels_out, frames = inference.separate_file(path, outputs, separator.model_mask_fn(model, torch.device("cpu")),
+    mask_fn = separator.model_mask_fn(model, torch.device("cpu"))
+    rate_out, channels_out, frames = inference.separate_file(path, outputs, mask_fn,
                                                              fmt="flac" if channels == 4 else "wav")
     assert (rate_out, channels_out, frames) == (rate, channels, int(seconds * rate))
     for p in outputs.values():
@@ -194,7 +196,7 @@ def test_silence_and_clipping(signal_kind, tmp_path, tiny_checkpoint):
     path = tmp_path / "in.wav"
     sf.write(str(path), audio, rate, subtype="PCM_16")
     outputs = inference.output_paths(path, tmp_path, "{track}_{stem}.{ext}", "wav")
-    inference.separate_file(path, outputs, separator.model_mask_fn(model, torch.device("cpu")), wiener=True)
+    inference.separate_file(path, outputs, separator.model_mask_fn(model, torch.device("cpu")))
     vocals = sf.read(str(outputs["vocals"]))[0]
     assert np.isfinite(vocals).all()
     if signal_kind == "silence":
@@ -214,7 +216,8 @@ def test_bad_checkpoints(problem, message, tmp_path):
     result = run_script("inference.py", "--audio", song, "--checkpoint", path)
     assert_one_line_error(result, message)
     assert "error" not in result.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["song.wav"] + ([] if problem == "missing" else ["model.pth"]))
+    expected = ["song.wav"] + ([] if problem == "missing" else ["model.pth"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)
 
 
 
@@ -225,7 +228,7 @@ def test_bad_checkpoints(problem, message, tmp_path):
     ("evaluate.py", ["--shifts", "-1", "--folder", "."], "--shifts must be at least 1, got -1"),
     ("evaluate.py", ["--shifts", "two", "--folder", "."], "argument --shifts: invalid int value: 'two'")])
 def test_bad_separation_flags(script, flags, message, tmp_path, tiny_checkpoint):
-    """--cpu, --shifts and --wiener are declared once (add_separator_args) and checked one way."""
+    """--cpu and --shifts are declared once (add_model_args, add_separator_args) and checked one way."""
     song = tmp_path / "song.wav"
     sf.write(str(song), tone(1, 8000), 8000)
     result = run_script(script, *flags, "--checkpoint", tiny_checkpoint,
@@ -239,9 +242,9 @@ def test_removed_flags_are_gone(script):
     result = run_script(script, "--help")
     assert result.returncode == 0
     for flag in ("--accompaniment", "--extension", "--mask-channels", "--mask-exponent", "--overlap", "--batch-size",
-                 "--no-amp"):
+                 "--no-amp", "--wiener"):
         assert flag not in result.stdout, flag
-    assert "--shifts" in result.stdout and "--wiener" in result.stdout and "--cpu" in result.stdout
+    assert "--shifts" in result.stdout and "--cpu" in result.stdout
 
 
 def test_a_checkpoint_with_a_mask_exponent_is_used_with_the_masks_as_predicted(tiny_checkpoint, tmp_path):
@@ -266,7 +269,7 @@ def test_plot_and_flac_and_filename_template(tiny_checkpoint, tmp_path):
     sf.write(str(song), noise(2, 4.0, 16000).T, 16000)
     result = run_script("inference.py", "--audio", song, "--checkpoint", tiny_checkpoint, "--output-dir",
                         tmp_path / "out", "--filename", "{stem}/{track}.{ext}", "--format", "flac", "--plot",
-                        "--shifts", "1", "--wiener", "--n-channels", "99")
+                        "--shifts", "1", "--n-channels", "99")
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines()[0].startswith("warning: --n-channels 99 ignored")
     for stem in dg.STEMS:

@@ -48,7 +48,8 @@ def test_each_output_sample_leaves_exactly_the_latency_after_its_input(tiny_chec
     """A click at 0.5 s in 3 s of silence, then the input pauses: the output holds exactly 3 s less the latency
     (1 s) and no more until the input goes on, the click at its own sample; at the end of the input the last
     second is flushed, and the output is exactly as long as the input."""
-    process = start(tiny_checkpoint, "--channels", "1", "--format", "f32le", "--latency", "1", "--stem", "accompaniment")
+    process = start(tiny_checkpoint, "--channels", "1", "--format", "f32le", "--latency", "1", "--stem",
+                    "accompaniment")
     reader = Reader(process.stdout)
     reader.start()
     audio = np.zeros(3 * RATE + 123, np.float32)
@@ -124,8 +125,8 @@ def test_a_real_song_piped_through_ffmpeg_at_its_own_pace(tiny_checkpoint, tmp_p
     decoded = subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(song), *pcm, "-ac", "2", "-"],
                              capture_output=True, check=True).stdout
     command = (f"ffmpeg -loglevel error -re -i '{song}' {' '.join(pcm)} -ac 2 - | '{sys.executable}' live.py "
-               f"--checkpoint '{tiny_checkpoint}' --latency 1 | ffmpeg -loglevel error {' '.join(pcm)} -ch_layout stereo "
-               f"-i - '{out}'")
+               f"--checkpoint '{tiny_checkpoint}' --latency 1 | ffmpeg -loglevel error {' '.join(pcm)} "
+               f"-ch_layout stereo -i - '{out}'")
     result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120,
                             cwd=REPO)
     assert result.returncode == 0, result.stderr

@@ -114,18 +114,6 @@ def test_shifts_average_the_masks_of_delayed_copies(tiny_checkpoint):
     assert np.allclose(vocals + accompaniment, audio, atol=1e-6)
 
 
-def test_wiener_statistics_do_not_depend_on_the_block_of_frames_separated_together(tiny_checkpoint, monkeypatch):
-    """The Wiener filter's statistics cover WIENER_FRAMES frames on the file's grid, however many
-    frames the separator transforms at once (FULL_BAND_BLOCK)."""
-    mask_fn = cpu_mask_fn(tiny_checkpoint)
-    audio = noise(2, 30.0, 22050, seed=8)
-    big = separator.separate(audio, 22050, mask_fn, shifts=1, wiener=True)
-    monkeypatch.setattr(separator, "FULL_BAND_BLOCK", separator.WIENER_FRAMES)
-    small = separator.separate(audio, 22050, mask_fn, shifts=1, wiener=True)
-    assert np.abs(big - small).max() < 1e-5
-    assert np.abs(big[0] - separator.separate(audio, 22050, mask_fn, shifts=1)[0]).max() > 1e-3  # Wiener acted
-
-
 def test_no_seams_at_patch_borders():
     """Patches that disagree strongly (mask 0.2, 0.8, 0.2, ...) are cross-faded: the output level of
     a steady noise changes gradually, not in steps at the borders."""

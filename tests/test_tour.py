@@ -83,6 +83,7 @@ def check_story(text, nb):
     return scores
 
 
+@pytest.mark.slow
 @needs_shared
 @needs_ffmpeg
 def test_tour_on_the_musdb18_previews(tmp_path):

@@ -63,7 +63,8 @@ def test_the_output_layer_as_subpixel_convolution_is_the_transposed_convolution(
     impulse = torch.zeros(1, 6, 4, 4, dtype=torch.float64)
     impulse[0, 3, 1, 2] = 1.0
     out = subpixel_transposed_conv(layer, impulse)[0, 0] - layer.bias
-    assert torch.allclose(out[0:5, 2:7], layer.weight[3, 0], atol=1e-12) and out.abs().sum() == out[0:5, 2:7].abs().sum()
+    assert torch.allclose(out[0:5, 2:7], layer.weight[3, 0], atol=1e-12)
+    assert out.abs().sum() == out[0:5, 2:7].abs().sum()
     # training goes through it: the gradients reach the layer's weights as through the transposed convolution
     grads = []
     for form in (layer, lambda x: subpixel_transposed_conv(layer, x)):
