@@ -33,6 +33,8 @@ MASK_EXTENSION_BINS = 128  # above 4096 Hz the mask is the mean of its top 128 b
 LIVE_HOP = 4  # frames between the patches of a live separator: a new mask every 0.375 s, within the CPU of a laptop
 LIVE_SHIFTS = 1  # a live separator runs the network once: the CPU goes to a finer patch grid instead
 LIVE_MARGIN = 0.2  # seconds of a live latency kept for the computation: the network's call, the CPU's other work
+LIVE_FILL_SECONDS = 1.0  # a live patch reaching back before the stream holds the stream again once it has this much:
+# a shorter loop is a buzz the network never heard (experiments/2026-12-06-live-separation.md)
 
 
 # -----------------------------------------------------------------------------
@@ -220,8 +222,12 @@ class MaskStream:
             origin = max(0, patch_samples(first - first % PATCHES_PER_CALL, 1, self.hop)[0])
             music = self.low.read(origin, self.low.end)
             segment = torch.cat([segment[..., :self.low.end - start], dg.loop_to(music, end - self.low.end)], dim=-1)
-        magnitude = dg.stft(segment, center=False).abs()  # (channels, 512, frames of these patches)
-        patches = dg.to_patches(magnitude, self.hop)  # (channels, count, 512, 128)
+        if start < -dg.N_FFT // 2:  # live, the first seconds: patches that start before the recording
+            step = self.hop * dg.HOP_LENGTH
+            patches = torch.stack([early_patch(segment[..., i * step:i * step + dg.PATCH_SAMPLES], start + i * step)
+                                   for i in range(count)], dim=1)
+        else:
+            patches = dg.to_patches(dg.stft(segment, center=False).abs(), self.hop)  # (channels, count, 512, 128)
         window = dg.patch_window().expand(count, -1)
         if self.lookahead is not None:  # a frame takes no patch that ends after its deadline
             ends = torch.tensor([patch_samples(p, 1, self.hop)[1] for p in range(first, first + count)])
@@ -352,6 +358,17 @@ class StreamingSeparator:
         accompaniment = self.mixture.read(start, final) - vocals
         self.mixture.forget_before(min(self.vocals.sums.start, reached))
         return vocals.numpy(), accompaniment.numpy()
+
+
+def early_patch(segment, start):
+    """Magnitudes (channels, 512, 128) of a live patch's samples (channels, PATCH_SAMPLES) that start at sample
+    `start` < 0 of the recording: once the patch holds LIVE_FILL_SECONDS of the recording, what comes before it is
+    that music again and again, ending where the recording starts (as dg.loop_to fills the end offline): the network
+    trained on patches full of music, and silence there cost it (experiments/2026-12-06-live-separation.md)."""
+    music = segment[..., -start:]
+    if start < -dg.N_FFT // 2 and music.shape[-1] >= LIVE_FILL_SECONDS * dg.SAMPLE_RATE:
+        segment = torch.cat([dg.loop_to(music.flip(-1), -start).flip(-1), music], dim=-1)
+    return dg.stft(segment, center=False).abs()
 
 
 def patch_samples(first, count, hop=PATCH_HOP):

@@ -176,9 +176,10 @@ def test_a_voice_panned_hard_left_keeps_its_own_mask(tiny_checkpoint):
     fn = separator.model_mask_fn(model, torch.device("cpu"))
     vocals, _ = separator.separate(stereo, 44100, fn)
     alone, _ = separator.separate(left, 44100, fn)
-    assert np.abs(vocals[0] - alone[0]).max() < 1e-5 * np.abs(left).max() and not vocals[1].any()
+    # a batch of two channels against one: the network's kernels may round differently (bf16 on some CPUs)
+    assert np.abs(vocals[0] - alone[0]).max() < 1e-4 * np.abs(left).max() and not vocals[1].any()
     centred, _ = separator.separate(np.concatenate([left, left]), 44100, fn)  # both alike: each gets the same
-    assert np.abs(centred[0] - alone[0]).max() < 1e-5 * np.abs(left).max()
+    assert np.abs(centred[0] - alone[0]).max() < 1e-4 * np.abs(left).max()
 
 
 
@@ -267,3 +268,17 @@ def test_live_output_never_depends_on_input_beyond_the_latency(tiny_checkpoint, 
     reach = changed - int((latency - separator.LIVE_MARGIN) * rate)
     assert np.array_equal(a[:, :, :reach], b[:, :, :reach])
     assert np.abs(a[:, :, reach:changed] - b[:, :, reach:changed]).max() > 1e-4  # it does look that far
+
+
+def test_live_patches_before_the_recording_hold_the_recording_again():
+    """A live patch that starts before the recording (its first seconds) is filled with what it holds of the
+    recording, again and again, ending where the recording starts: as four copies of it in a row. Before a second of
+    the recording has come, and in the recording's first offline patch (half a window before it), silence stays."""
+    music = torch.randn(2, dg.PATCH_SAMPLES // 4, generator=torch.Generator().manual_seed(0))  # 3 s
+    segment = torch.cat([torch.zeros(2, dg.PATCH_SAMPLES - music.shape[1]), music], dim=-1)
+    filled = separator.early_patch(segment, music.shape[1] - dg.PATCH_SAMPLES)
+    assert torch.allclose(filled, dg.stft(music.repeat(1, 4), center=False).abs(), atol=1e-4)
+    assert torch.equal(separator.early_patch(segment, -dg.N_FFT // 2), dg.stft(segment, center=False).abs())
+    heard = dg.SAMPLE_RATE - 1  # samples of the recording so far: not quite a second
+    short = torch.cat([torch.zeros(2, dg.PATCH_SAMPLES - heard), music[:, :heard]], dim=-1)
+    assert torch.equal(separator.early_patch(short, heard - dg.PATCH_SAMPLES), dg.stft(short, center=False).abs())
