@@ -121,12 +121,12 @@ class Status:
         self.underruns = self.missing = 0
 
     def line(self, worker, received):
-        seconds = received / self.args.rate
+        tenths = round(received * 10 / self.args.rate)  # rounded once, so 59.96 s reads 1:00.0, not 0:60.0
         load = worker.busy / max(worker.separated / self.args.rate, 1e-9)
         missing = f"{self.underruns} underrun(s), {self.missing / self.args.rate:.2f} s of silence" if self.underruns \
             else "no underrun"
         return (f"live: {self.args.stem}, latency {self.args.latency:.2f} s, separation {load:.2f}x real time, "
-                f"{missing}, {int(seconds // 60)}:{seconds % 60:04.1f} of audio")
+                f"{missing}, {tenths // 600}:{tenths % 600 / 10:04.1f} of audio")
 
     def show(self, worker, received, final=False):
         now = time.monotonic()
